@@ -1,0 +1,14 @@
+"""flowgrpo_core: the Flow-GRPO / DanceGRPO math in plain PyTorch, with no ComfyUI import.
+
+Modules, one concept each:
+
+* ``sde``           one reverse step (Flow-SDE, Dance-SDE, CPS, ODE) with its Gaussian log-prob
+* ``windows``       which steps are stochastic and trained (fraction, fixed/random/sliding window, subset)
+* ``grpo``          group advantages, multi-reward aggregation, clipped surrogate loss, KL, metrics
+* ``group_sampler`` prompts per iteration, repeated per group, split across ranks
+* ``rollout``       a trajectory with per-step log-probs over a small policy interface
+* ``trainer``       the GRPO update: replay log-probs, accumulate gradients, clip, step
+* ``lora``          LoRA adapters for plain ``nn.Module`` policies through peft
+"""
+
+__version__ = "0.1.0"

