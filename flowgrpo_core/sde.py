@@ -62,6 +62,25 @@ def _per_sample(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _check_step(sigma: Scalar, sigma_next: Scalar, noise_level: Scalar) -> None:
+    """Validate a step's sigmas and noise level (plain floats are checked without touching a device)."""
+    def lowest(v: Scalar) -> float:
+        return float(v.min()) if isinstance(v, torch.Tensor) else float(v)
+
+    def highest(v: Scalar) -> float:
+        return float(v.max()) if isinstance(v, torch.Tensor) else float(v)
+
+    if lowest(sigma) <= 0 or highest(sigma) > 1 + SIGMA_ONE_ATOL or lowest(sigma_next) < 0:
+        raise ValueError("sigmas must lie in [0, 1] with the current sigma > 0 (flow convention, sigma = 1 is noise)")
+    gap = sigma_next - sigma if isinstance(sigma_next, torch.Tensor) or isinstance(sigma, torch.Tensor) \
+        else float(sigma_next) - float(sigma)
+    if highest(gap) >= 0:
+        raise ValueError("sigma_next must be strictly below sigma: the sigma grid must decrease strictly "
+                         "(a repeated or reversed sigma gives a zero-variance step)")
+    if lowest(noise_level) < 0:
+        raise ValueError("noise_level must be >= 0")
+
+
 def velocity_from_denoised(sample: torch.Tensor, denoised: torch.Tensor, sigma: Scalar) -> torch.Tensor:
     """ComfyUI's flow models return the denoised ``x0_hat = x - sigma * v``; recover ``v = (x - x0_hat) / sigma`` in fp32.
 
@@ -111,16 +130,10 @@ def sde_mean_std(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma:
     v = velocity.float()
     if v.shape != x.shape:
         raise ValueError(f"velocity shape {tuple(v.shape)} does not match sample shape {tuple(x.shape)}")
+    _check_step(sigma, sigma_next, noise_level)
     s = _per_sample(sigma, x, "sigma")
     s_next = _per_sample(sigma_next, x, "sigma_next")
     a = _per_sample(noise_level, x, "noise_level")
-    if bool((s <= 0).any() or (s > 1 + SIGMA_ONE_ATOL).any() or (s_next < 0).any()):
-        raise ValueError("sigmas must lie in [0, 1] with the current sigma > 0 (flow convention, sigma = 1 is noise)")
-    if bool((s_next >= s).any()):
-        raise ValueError("sigma_next must be strictly below sigma: the sigma grid must decrease strictly "
-                         "(a repeated or reversed sigma gives a zero-variance step)")
-    if bool((a < 0).any()):
-        raise ValueError("noise_level must be >= 0")
     delta = s_next - s
 
     if kind == "ode":
