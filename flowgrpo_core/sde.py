@@ -103,6 +103,13 @@ def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     Where ``std`` is 0 the result is 0 (not NaN or inf): a deterministic transition has no density.
     """
     std = std.float()
+    if std.numel() in (1, value.shape[0]):  # one std per sample: reduce the squares first, then the per-sample terms
+        std_b = std.reshape(-1).expand(value.shape[0])
+        positive = std_b > 0
+        safe = torch.where(positive, std_b, torch.ones_like(std_b))
+        sq = (value.float() - mean.float()).square().flatten(1).mean(dim=1)
+        log_prob = -0.5 * sq / safe.square() - torch.log(safe) - _HALF_LOG_2PI
+        return torch.where(positive, log_prob, torch.zeros_like(log_prob))
     positive = std > 0
     safe_std = torch.where(positive, std, torch.ones_like(std))
     z = (value.float() - mean.float()) / safe_std
