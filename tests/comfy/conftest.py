@@ -29,13 +29,13 @@ except ImportError as exc:  # not the pack's environment
                       "or `.venv/bin/python -m pytest tests/comfy`") from exc
 
 from client import ComfyClient  # tests/comfy/client.py (imported before ComfyUI puts comfy/ first on sys.path)
+import runtime
 import tiny_models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_LINK_NAME = "flowgrpo"
 SERVER_START_TIMEOUT_S = 120.0
-MODEL_FOLDERS = {"diffusion_models": "diffusion_models", "text_encoders": "text_encoders", "loras": "loras",
-                 "vae": "vae"}
+MODEL_FOLDERS = runtime.MODEL_FOLDERS
 TINY_SD3_NAME = "flowgrpo_tiny_sd3.safetensors"
 TINY_CLIP_NAME = "flowgrpo_tiny_clip_l.safetensors"
 
@@ -67,50 +67,21 @@ def comfyui_root() -> Path:
 @pytest.fixture(scope="session")
 def comfy_home(tmp_path_factory) -> Path:
     """A ComfyUI base directory: custom_nodes/flowgrpo -> this checkout, empty model folders, output/input/..."""
-    home = tmp_path_factory.mktemp("comfy_home")
-    for sub in ("output", "input", "user", "temp", "custom_nodes", *(f"models/{d}" for d in MODEL_FOLDERS.values())):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    os.symlink(REPO_ROOT, home / "custom_nodes" / PACK_LINK_NAME, target_is_directory=True)
-    return home
+    return runtime.make_home(tmp_path_factory.mktemp("comfy_home"), REPO_ROOT, PACK_LINK_NAME)
 
 
 # ------------------------------------------------------------------------------------------ in-process runtime
 @pytest.fixture(scope="session")
 def comfy_runtime(comfyui_root, comfy_home) -> SimpleNamespace:
     """ComfyUI importable in this process, on CPU, with its folders pointed at ``comfy_home``."""
-    root = str(comfyui_root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import comfy.cli_args  # imported as a library, ComfyUI does not parse argv: args hold the defaults
-
-    args = comfy.cli_args.args
-    if "comfy.model_management" not in sys.modules:  # it reads args.cpu once, at import
-        args.cpu = True
-    args.disable_api_nodes = True
-    args.base_directory = str(comfy_home)
-    # main.py imports ComfyUI's `utils` package first; nodes.py later puts comfy/ at sys.path[0], after which a bare
-    # `import utils` finds comfy/utils.py and `server` (imported by comfy_extras/nodes_images.py) fails.
-    import utils.extra_config  # noqa: F401
-    import folder_paths
-
-    # Point every folder at the home even if folder_paths was imported before base_directory was set.
-    folder_paths.set_output_directory(str(comfy_home / "output"))
-    folder_paths.set_input_directory(str(comfy_home / "input"))
-    folder_paths.set_temp_directory(str(comfy_home / "temp"))
-    folder_paths.set_user_directory(str(comfy_home / "user"))
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(comfy_home / "custom_nodes")], set())
-    for name, sub in MODEL_FOLDERS.items():
-        folder_paths.add_model_folder_path(name, str(comfy_home / "models" / sub), is_default=True)
+    folder_paths = runtime.setup_inprocess(comfyui_root, comfy_home)
     return SimpleNamespace(root=comfyui_root, home=comfy_home, folder_paths=folder_paths)
 
 
 @pytest.fixture(scope="session")
 def comfy_nodes(comfy_runtime) -> dict:
     """``nodes.NODE_CLASS_MAPPINGS`` after ComfyUI's own extra nodes and the pack (from ``comfy_home``) loaded."""
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    return nodes.NODE_CLASS_MAPPINGS
+    return runtime.init_nodes()
 
 
 @pytest.fixture(scope="session")
