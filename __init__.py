@@ -11,5 +11,4 @@ except ImportError:  # plain Python (tests of the core, tooling): nothing to reg
 else:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-WEB_DIRECTORY = None
 __all__ = ["comfy_entrypoint"]
