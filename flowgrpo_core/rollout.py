@@ -113,7 +113,8 @@ class Trajectory:
         return self.latents[-1]
 
 
-def _sigma_batch(value: float, like: torch.Tensor) -> torch.Tensor:
+def sigma_batch(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` repeated for each sample of ``like``: ``[B]`` fp32 on its device (what policies receive)."""
     return torch.full((like.shape[0],), value, dtype=torch.float32, device=like.device)
 
 
@@ -121,7 +122,7 @@ def replay_step(policy: FlowPolicy, spec: RolloutSpec, i: int, x: torch.Tensor, 
                 prev_sample: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None):
     """Step ``i`` of ``spec`` on one micro-batch: the policy's velocity, then :func:`sde_step`."""
     sigma, sigma_next = spec.sigmas[i], spec.sigmas[i + 1]
-    v = policy.velocity(x, _sigma_batch(sigma, x), cond)
+    v = policy.velocity(x, sigma_batch(sigma, x), cond)
     return sde_step(spec.step_kind(i), x, v, sigma, sigma_next, spec.noise_level, prev_sample=prev_sample,
                     generator=generator, cps_log_prob=spec.cps_log_prob)
 

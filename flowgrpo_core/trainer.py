@@ -16,7 +16,7 @@ import torch
 
 from .grpo import clipped_surrogate_loss, kl_to_reference, policy_metrics
 from .policy import FlowPolicy, index_cond
-from .rollout import Trajectory, replay_step
+from .rollout import Trajectory, replay_step, sigma_batch
 from .sde import sde_mean_std
 
 ClipRange = Union[float, tuple[float, float]]
@@ -67,7 +67,7 @@ class GRPOTrainer:
         if cfg.kl_beta > 0:
             sigma, sigma_next = spec.sigmas[j], spec.sigmas[j + 1]
             with torch.no_grad(), self.policy.reference():
-                v_ref = self.policy.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond)
+                v_ref = self.policy.velocity(x, sigma_batch(sigma, x), cond)
             ref_mean, _ = sde_mean_std(spec.step_kind(j), x, v_ref, sigma, sigma_next, spec.noise_level)
             kl = kl_to_reference(out.mean, ref_mean, out.std, delta=sigma_next - sigma, form=cfg.kl_form,
                                  kind=spec.step_kind(j)).mean()
