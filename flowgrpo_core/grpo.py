@@ -88,7 +88,7 @@ def _group_index(group_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, tor
 
 
 def _group_zscore(r: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, std_mode: str, eps: float,
-                  ddof: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ddof: int, std_floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float64 ``(z [B], mean [B], std [B], zero_variance_group [G])`` for rewards ``r [B]``."""
     num_groups = counts.numel()
     n = counts.to(torch.float64)
@@ -102,7 +102,7 @@ def _group_zscore(r: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, 
         std = torch.sqrt(sum_sq / (n - ddof))[inverse]
     else:
         std = r.std(correction=ddof).expand_as(r)
-    z = deviation / (std + eps)
+    z = deviation / (std.clamp_min(std_floor) + eps)
     z = torch.where(zero_variance[inverse], torch.zeros_like(z), z)
     return z, mean_g[inverse], std, zero_variance
 
@@ -117,7 +117,7 @@ def _check_norm_settings(std_mode: str, eps: float, ddof: int) -> None:
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: str = "global", eps: float = 1e-4,
-                     ddof: int = 0, clip: Optional[float] = 5.0) -> AdvantageResult:
+                     ddof: int = 0, clip: Optional[float] = 5.0, std_floor: float = 0.0) -> AdvantageResult:
     """Group-relative advantages ``A_i = (r_i - mean_{g(i)}) / (std + eps)``, computed in float64.
 
     Args:
@@ -129,6 +129,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: s
         eps: added to the std (1e-4 Flow-GRPO; 1e-8 DanceGRPO).
         ddof: 0 (population std, Flow-GRPO's tracker) or 1 (unbiased, DanceGRPO).
         clip: advantages are clamped to ``[-clip, clip]``; ``None`` disables clipping.
+        std_floor: the std is raised to at least this value, in reward units (pitfall P13: with per-group std, a
+            group whose rewards differ by a hair would otherwise get advantages of +-1 from noise); 0 disables it.
 
     A group whose rewards are all equal gets advantage exactly 0 (never NaN, whatever ``eps``) and is counted in
     ``zero_std_groups`` / ``zero_std_ratio``. Returned tensors are fp32 on ``rewards.device``.
@@ -138,7 +140,9 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_mode: s
         raise ValueError(f"clip must be > 0 or None, got {clip!r}")
     r = _rewards_f64(rewards)
     inverse, counts = _group_index(group_ids, r.shape[0])
-    z, mean, std, zero_variance = _group_zscore(r, inverse, counts, std_mode, eps, ddof)
+    if not (math.isfinite(std_floor) and std_floor >= 0):
+        raise ValueError(f"std_floor must be a finite number >= 0, got {std_floor!r}")
+    z, mean, std, zero_variance = _group_zscore(r, inverse, counts, std_mode, eps, ddof, std_floor)
     if clip is not None:
         z = z.clamp(-clip, clip)
     device = torch.as_tensor(rewards).device

@@ -8,7 +8,7 @@ first recomputed log-prob ratio of an update is 1 (pitfalls P5 and P8 of the mat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -82,6 +82,22 @@ class RolloutSpec:
 
     def step_kind(self, i: int) -> str:
         return self.kind if self.sde_mask[i] else "ode"
+
+    def differences(self, other: "RolloutSpec") -> list[str]:
+        """Names of the fields whose values differ from ``other``'s (empty when the specs are equal)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def require_same(self, other: "RolloutSpec") -> None:
+        """Raise if ``other`` (the settings a replay would use now) differs from this rollout's spec.
+
+        Replaying a rollout under another guidance, CFG scale, sigma grid, noise level or batch layout makes the
+        recomputed log-probs those of a different policy (pitfall P8): the ratio is no longer 1 at the first step.
+        """
+        changed = self.differences(other)
+        if changed:
+            detail = "; ".join(f"{n}: rollout {getattr(self, n)!r} vs now {getattr(other, n)!r}" for n in changed)
+            raise ValueError(f"the update would replay this rollout with different settings ({detail}); "
+                             "train on the rollout with the settings it was sampled with, or sample a new rollout")
 
     def chunks(self, batch_size: int) -> list[slice]:
         """The micro-batches of a batch, in rollout order."""

@@ -390,3 +390,16 @@ def test_policy_metrics_on_policy():
     lp = torch.randn(5)
     m = policy_metrics(lp, lp.clone(), 1e-5)
     assert m["approx_kl"] == 0.0 and m["clipfrac"] == 0.0 and m["ratio_min"] == m["ratio_max"] == 1.0
+
+
+def test_std_floor_bounds_advantages_of_near_equal_groups():
+    rewards = torch.tensor([0.5, 0.5 + 1e-6, 0.2, 0.9])
+    groups = torch.tensor([0, 0, 1, 1])
+    noisy = group_advantages(rewards, groups, std_mode="group", eps=1e-8, clip=None)
+    assert noisy.advantages[:2].abs().max() > 0.9  # a one-in-a-million gap looks like a full standard deviation
+    floored = group_advantages(rewards, groups, std_mode="group", eps=1e-8, clip=None, std_floor=1e-2)
+    assert floored.advantages[:2].abs().max() < 1e-3
+    # groups with a spread above the floor are unaffected: (0.2 - 0.55) / 0.35 = -1
+    assert torch.allclose(floored.advantages[2:], torch.tensor([-1.0, 1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="std_floor"):
+        group_advantages(rewards, groups, std_floor=-1.0)

@@ -195,3 +195,21 @@ def test_pure_core_demo_raises_the_reward_and_is_deterministic():
     assert again == history[:4]
     other = run_demo(DemoConfig(seed=1, iterations=4), log=None)
     assert other != history[:4]
+
+
+def test_replay_with_changed_settings_is_detected_and_rejected():
+    spec = make_spec("flow_sde", 0.7)
+    spec.require_same(make_spec("flow_sde", 0.7))
+    with_guidance = RolloutSpec(**{**spec.__dict__, "extras": (("guidance", 3.5),)})
+    cases = {
+        "noise_level": make_spec("flow_sde", 0.9),
+        "micro_batch_size": make_spec("flow_sde", 0.7, micro_batch_size=4),
+        "sigmas": RolloutSpec(**{**spec.__dict__, "sigmas": shifted_sigmas(6, 1.0)}),
+        "extras": with_guidance,
+    }
+    for field, other in cases.items():
+        assert spec.differences(other) == [field]
+        with pytest.raises(ValueError, match=field):
+            spec.require_same(other)
+    with pytest.raises(ValueError, match=r"guidance.*3\.5|3\.5.*guidance"):
+        with_guidance.require_same(RolloutSpec(**{**spec.__dict__, "extras": (("guidance", 4.0),)}))
