@@ -23,7 +23,9 @@ from typing import Optional, Union
 
 import torch
 
-SDE_KINDS = ("flow_sde", "dance_sde", "cps", "ode")
+SDE_KINDS = ("flow_sde", "dance_sde", "cps", "euler_ancestral", "ode")
+#: kinds whose noise level is an angle-like share in [0, 1]
+BOUNDED_LEVEL_KINDS = ("cps", "euler_ancestral")
 CPS_LOG_PROB_FORMS = ("exact", "reference")
 
 Scalar = Union[float, torch.Tensor]
@@ -127,6 +129,10 @@ def sde_mean_std(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma:
     dance_sde (DanceGRPO):  the same with constant g = eta
     cps       (CPS):        std = sigma_next * sin(eta pi / 2);
                             mean = (1 - sigma_next) * x0_hat + sigma_next * cos(eta pi / 2) * x1_hat
+    euler_ancestral (ComfyUI's sampler on flow models, s_noise = 1), eta in [0, 1]:
+                            sigma_d = sigma_next * (1 + (sigma_next / sigma - 1) * eta);
+                            mean = (1 - sigma_next) / (1 - sigma_d) * (sigma_d / sigma * x + (1 - sigma_d / sigma) * x0_hat);
+                            std = sqrt(sigma_next^2 - sigma_d^2 (1 - sigma_next)^2 / (1 - sigma_d)^2)
     ode       (Euler):      mean = x + delta * v;  std = 0
 
     At ``noise_level = 0`` every kind reduces to the Euler step.
@@ -145,6 +151,14 @@ def sde_mean_std(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma:
 
     if kind == "ode":
         return x + delta * v, torch.zeros_like(s)
+    if kind in BOUNDED_LEVEL_KINDS and bool((a > 1).any()):
+        raise ValueError(f"{kind} takes a noise level (eta) in [0, 1]")
+    if kind == "euler_ancestral":
+        ratio = s_next / s
+        s_down = s_next * (1 + (ratio - 1) * a)
+        keep = (1 - s_next) / (1 - s_down)
+        mean = keep * ((s_down / s) * x + (1 - s_down / s) * (x - s * v))
+        return mean, torch.sqrt((s_next.square() - (s_down * keep).square()).clamp_min(0.0))
     if kind == "cps":
         angle = a * (math.pi / 2)
         x0_hat = x - s * v
@@ -168,11 +182,12 @@ def sde_step(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma: Sca
     """Take (or, given ``prev_sample``, evaluate) one step ``sigma -> sigma_next``.
 
     Args:
-        kind: ``"flow_sde"``, ``"dance_sde"``, ``"cps"`` or ``"ode"``.
+        kind: ``"flow_sde"``, ``"dance_sde"``, ``"cps"``, ``"euler_ancestral"`` or ``"ode"``.
         sample: ``x`` at ``sigma``, ``[B, ...]`` in any float dtype.
         velocity: the model's ``v`` at ``(x, sigma)``, same shape.
         sigma, sigma_next: floats, 0-d tensors or ``[B]`` tensors, ``1 >= sigma > sigma_next >= 0``.
-        noise_level: ``a`` for flow_sde, ``eta`` for dance_sde and cps (float or ``[B]``); ignored by ode.
+        noise_level: ``a`` for flow_sde, ``eta`` for dance_sde, cps and euler_ancestral (float or ``[B]``);
+            ignored by ode.
         prev_sample: when given, nothing is sampled and the log-prob of this sample is returned (replay).
         generator: ``torch.Generator`` on ``sample.device`` for the step noise.
         cps_log_prob: ``"exact"`` (Gaussian log-density) or ``"reference"``, the constant-free

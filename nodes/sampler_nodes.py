@@ -14,22 +14,18 @@ import torch
 from comfy_api.latest import io
 from tqdm.auto import trange
 
-from ..flowgrpo_core.sde import SDE_KINDS, sde_step
+from ..flowgrpo_core.sde import BOUNDED_LEVEL_KINDS, SDE_KINDS, sde_step
 from .model_adapter import predict_velocity, require_flow_model
 
 __all__ = ["FlowGRPOSDESampler", "sample_flow_sde", "make_sde_sampler"]
-
-#: CPS's eta sets the angle eta * pi / 2 of the noise it re-injects, so only [0, 1] is meaningful.
-CPS_MAX_NOISE_LEVEL = 1.0
-
 
 def _check_options(sde_kind: str, noise_level: float) -> None:
     if sde_kind not in SDE_KINDS:
         raise ValueError(f"sde_kind must be one of {', '.join(SDE_KINDS)}, got {sde_kind!r}")
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    if sde_kind == "cps" and noise_level > CPS_MAX_NOISE_LEVEL:
-        raise ValueError(f"for sde_kind cps, noise_level (eta) must lie in [0, 1], got {noise_level}")
+    if sde_kind in BOUNDED_LEVEL_KINDS and noise_level > 1:
+        raise ValueError(f"for sde_kind {sde_kind}, noise_level (eta) must lie in [0, 1], got {noise_level}")
 
 
 def _interrupt_point() -> None:
@@ -94,13 +90,14 @@ class FlowGRPOSDESampler(io.ComfyNode):
                     "sde_kind", options=list(SDE_KINDS), default="flow_sde",
                     tooltip=("Reverse-step family. flow_sde: Flow-GRPO's SDE, noise scaled by sqrt(sigma/(1-sigma)); "
                              "dance_sde: DanceGRPO's constant-noise SDE; cps: coefficients-preserving sampling; "
+                             "euler_ancestral: ComfyUI's euler_ancestral on flow models (eta, s_noise 1); "
                              "ode: plain Euler (deterministic, same as the stock euler sampler)."),
                 ),
                 io.Float.Input(
                     "noise_level", default=0.7, min=0.0, max=5.0, step=0.01,
                     tooltip=("Stochasticity of each step. flow_sde: a (0.7 SD3.5, 0.9 FLUX, 1.2 Qwen-Image in the "
                              "papers); dance_sde: eta (constant diffusion, ~0.3); cps: eta in [0, 1] (share of noise "
-                             "re-injected). 0 gives the deterministic Euler path. Ignored by ode."),
+                             "re-injected); euler_ancestral: eta in [0, 1]. 0 gives the deterministic Euler path. Ignored by ode."),
                 ),
                 io.Int.Input(
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,

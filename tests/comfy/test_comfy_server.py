@@ -57,7 +57,7 @@ def test_object_info_describes_the_sampler(comfy_client):
         assert spec[1].get("tooltip"), f"input {name} has no tooltip"
     kind_spec = required["sde_kind"]
     options = kind_spec[0] if isinstance(kind_spec[0], list) else kind_spec[1]["options"]
-    assert options == ["flow_sde", "dance_sde", "cps", "ode"]
+    assert options == ["flow_sde", "dance_sde", "cps", "euler_ancestral", "ode"]
     assert required["noise_level"][0] == "FLOAT" and required["seed"][0] == "INT"
 
 

@@ -8,7 +8,7 @@ import torch
 from flowgrpo_core.sde import (SDE_KINDS, denoised_from_velocity, gaussian_log_prob, sde_mean_std, sde_step,
                                velocity_from_denoised)
 
-STOCHASTIC = ("flow_sde", "dance_sde", "cps")
+STOCHASTIC = ("flow_sde", "dance_sde", "cps", "euler_ancestral")
 
 
 def flux_sigmas(num_steps: int, mu: float = 1.15) -> list[float]:
@@ -38,14 +38,15 @@ def test_noise_level_zero_equals_ode_on_every_step(kind):
         assert torch.isfinite(out.log_prob).all() and torch.all(out.log_prob == 0)
 
 
-@pytest.mark.parametrize("kind,noise_level", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.8)])
+@pytest.mark.parametrize("kind,noise_level", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.8),
+                                              ("euler_ancestral", 1.0)])
 def test_log_prob_is_the_exact_gaussian_density(kind, noise_level):
     sigmas = flux_sigmas(10)
     x, v = random_step_inputs(1)
     g = torch.Generator().manual_seed(5)
     for i in range(10):
         out = sde_step(kind, x, v, sigmas[i], sigmas[i + 1], noise_level, generator=g)
-        if kind == "cps" and sigmas[i + 1] == 0:  # CPS injects no noise into the last step
+        if kind in ("cps", "euler_ancestral") and sigmas[i + 1] == 0:  # no noise is injected into the last step
             assert torch.all(out.std == 0) and torch.all(out.log_prob == 0)
             continue
         assert torch.all(out.std > 0)
@@ -127,6 +128,8 @@ def test_velocity_denoised_round_trip():
     (("cps", 0.0, 0.0, 0.7), r"sigma > 0|\[0, 1\]"),
     (("dance_sde", 0.5, 0.4, -0.1), "noise_level"),
     (("euler_a", 0.5, 0.4, 0.1), "unknown SDE kind"),
+    (("euler_ancestral", 0.5, 0.4, 1.5), r"\[0, 1\]"),
+    (("cps", 0.5, 0.4, 1.2), r"\[0, 1\]"),
 ])
 def test_bad_inputs_raise_clear_errors(args, match):
     x, v = random_step_inputs(8)
@@ -213,3 +216,18 @@ def test_every_kind_keeps_the_marginal_mean_on_a_coarse_grid(kind, level):
     for sigma, mean, var in monte_carlo(kind, level, flux_sigmas(10)):
         mu, true_var = true_marginal(sigma)
         assert abs(mean - mu) < 4 * math.sqrt(true_var / 20000)
+
+
+def test_euler_ancestral_is_a_cps_family_gaussian():
+    """(derived, grpo-math 2.5) mean = (1 - s')x0_hat + c x1_hat with c^2 + std^2 = s'^2; eta = 1 gives s_d = s'^2/s."""
+    x, v = random_step_inputs(9)
+    s, s_next = 0.8, 0.6
+    for eta in (0.3, 1.0):
+        mean, std = sde_mean_std("euler_ancestral", x, v, s, s_next, eta)
+        x0_hat, x1_hat = x - s * v, x + (1 - s) * v
+        c = torch.sqrt(torch.tensor(s_next ** 2) - std.flatten()[0] ** 2)
+        assert torch.allclose(mean, (1 - s_next) * x0_hat + c * x1_hat, atol=1e-5)
+    s_d = s_next ** 2 / s
+    keep = (1 - s_next) / (1 - s_d)
+    assert torch.allclose(sde_mean_std("euler_ancestral", x, v, s, s_next, 1.0)[1].flatten()[0],
+                          torch.tensor((s_next ** 2 - (s_d * keep) ** 2) ** 0.5), atol=1e-6)
