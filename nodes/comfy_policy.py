@@ -1,0 +1,348 @@
+"""A trainable LoRA on a ComfyUI MODEL, exposed as a ``flowgrpo_core`` :class:`FlowPolicy`.
+
+* :func:`attach_trainable_lora` clones the ``ModelPatcher`` and adds fp32 LoRA adapters to selected Linear weights of
+  ``diffusion_model`` through ComfyUI's weight-adapter mechanism (``add_weight_wrapper``, as ``TrainLoraNode`` does).
+  The input MODEL keeps no wrapper: ComfyUI installs a patcher's wrappers into the shared modules only while that
+  patcher is the loaded one, and loading another clone (e.g. the original in a stock sampler) replaces them.
+* :func:`lora_disabled` passes every adapter of a patcher through unchanged (the frozen reference policy).
+* :func:`encode_conditioning` turns CONDITIONING lists into the batch-first dict of ``apply_model`` kwargs that
+  :func:`flowgrpo_core.policy.index_cond` slices.
+* :class:`ComfyFlowPolicy` computes ``v`` from ``BaseModel.apply_model`` (which returns the denoised sample), with
+  true CFG and Qwen-Image's optional per-token norm rescale. Sample under ``torch.no_grad()``; run every update
+  (forward and backward) inside ``with policy.training():``.
+
+The clone shares ``BaseModel`` with the input MODEL; the only change made to it is replacing inference-tensor
+parameters by normal clones with identical values (and ``requires_grad=False`` on the base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..flowgrpo_core.sde import velocity_from_denoised
+
+__all__ = [
+    "LORA_TARGETS",
+    "TARGET_PATTERNS",
+    "model_family",
+    "attach_trainable_lora",
+    "lora_adapters",
+    "lora_disabled",
+    "make_inference_params_trainable_",
+    "encode_conditioning",
+    "cfg_norm_rescale",
+    "ComfyFlowPolicy",
+]
+
+LORA_TARGETS = ("attention", "attention_mlp")
+
+# Module-name regexes (relative to ``diffusion_model``) per family and target group.
+# FLUX single blocks fuse attention and MLP in ``linear1`` (qkv + mlp_in) and ``linear2`` (proj + mlp_out), so they
+# belong to the attention group.
+_ATTN, _MLP = "attention", "mlp"
+TARGET_PATTERNS: dict[str, dict[str, str]] = {
+    "sd3": {
+        _ATTN: r"joint_blocks\.\d+\.(context_block|x_block)\.attn2?\.(qkv|proj)",
+        _MLP: r"joint_blocks\.\d+\.(context_block|x_block)\.mlp\.(fc1|fc2)",
+    },
+    "flux": {
+        _ATTN: r"(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.(linear1|linear2))",
+        _MLP: r"double_blocks\.\d+\.(img|txt)_mlp\.(0|2)",
+    },
+    "qwen_image": {
+        _ATTN: r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+        _MLP: r"transformer_blocks\.\d+\.(img|txt)_mlp\.net\.(0\.proj|2)",
+    },
+}
+
+
+def model_family(base_model: Any) -> str:
+    """``"sd3"``, ``"flux"`` or ``"qwen_image"`` for a ``comfy.model_base`` model; ValueError otherwise."""
+    import comfy.model_base as mb
+
+    for cls_name, family in (("QwenImage", "qwen_image"), ("Flux", "flux"), ("SD3", "sd3")):
+        cls = getattr(mb, cls_name, None)
+        if cls is not None and isinstance(base_model, cls):
+            return family
+    raise ValueError(f"FlowGRPO LoRA targets are defined for SD3, FLUX and Qwen-Image; got {type(base_model).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+@functools.lru_cache(maxsize=None)
+def _switchable_lora_class() -> type:
+    """ComfyUI's ``LoraDiff`` (``comfy.weight_adapter.lora``) with an ``enabled`` switch (created lazily: comfy)."""
+    from comfy.weight_adapter.lora import LoraDiff
+
+    class SwitchableLoraDiff(LoraDiff):
+        """``w + alpha / rank * up @ down`` while ``enabled``; ``w`` unchanged otherwise (the reference policy)."""
+
+        enabled = True
+
+        def __call__(self, w: torch.Tensor) -> torch.Tensor:
+            return super().__call__(w) if self.enabled else w
+
+    return SwitchableLoraDiff
+
+
+def _make_adapter(weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> nn.Module:
+    """A switchable fp32 LoRA for ``weight`` ``[out, in]``: up ``[out, rank]`` = 0, down ``[rank, in]`` kaiming-uniform.
+
+    Same layout as ``comfy.weight_adapter.adapter_maps["LoRA"].create_train`` (which zeroes *down* instead).
+    """
+    out_dim, in_dim = weight.shape
+    up = torch.zeros(out_dim, rank, dtype=torch.float32)
+    down = torch.empty(rank, in_dim, dtype=torch.float32)
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+    adapter = _switchable_lora_class()((up, down, float(alpha), None, None, None)).float()
+    adapter.to(weight.device)
+    adapter.lora_up.weight.requires_grad_(True)
+    adapter.lora_down.weight.requires_grad_(True)
+    adapter.alpha.requires_grad_(False)
+    return adapter
+
+
+def make_inference_params_trainable_(module: nn.Module) -> int:
+    """Replace every parameter and buffer of ``module`` that is an inference tensor by a normal clone (same values,
+    ``requires_grad=False``), so that autograd may save it for backward (RMSNorm scales, ...); returns how many."""
+    count = 0
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
+                    count += 1
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+                    count += 1
+    return count
+
+
+def attach_trainable_lora(model_patcher: Any, rank: int = 8, alpha: float = 8.0, targets: str = "attention",
+                          seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Clone ``model_patcher`` and put a trainable LoRA on the ``targets`` Linear weights of its diffusion model.
+
+    Returns ``(patcher_clone, lora_params)``; ``lora_params`` maps ``diffusion_model.<path>.lora_up.weight``
+    (``[out, rank]``, zeros: the fresh policy equals the base), ``.lora_down.weight`` (``[rank, in]``, kaiming-uniform
+    from ``seed``) and ``.alpha`` (0-d, frozen) to fp32 tensors, the key layout of ComfyUI LoRA files. The base
+    weights are frozen, and inference-tensor parameters are replaced by normal clones with the same values.
+    """
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"targets must be one of {LORA_TARGETS}, got {targets!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    family = model_family(model_patcher.model)
+    groups = [_ATTN] if targets == "attention" else [_ATTN, _MLP]
+    pattern = re.compile("|".join(f"(?:{TARGET_PATTERNS[family][g]})" for g in groups))
+
+    patcher = model_patcher.clone()
+    lora_params: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.inference_mode(False):
+        diffusion_model = patcher.model.diffusion_model
+        diffusion_model.requires_grad_(False)
+        make_inference_params_trainable_(patcher.model)
+        for name, module in diffusion_model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not (hasattr(module, "weight_function") and weight is not None and weight.dim() == 2
+                    and pattern.fullmatch(name)):
+                continue
+            key = f"diffusion_model.{name}"
+            adapter = _make_adapter(weight, rank, alpha, generator)
+            patcher.add_weight_wrapper(f"{key}.weight", adapter)
+            for pname, param in adapter.named_parameters():
+                lora_params[f"{key}.{pname}"] = param
+    if not lora_params:
+        raise ValueError(f"no Linear layer of this {family} model matches the LoRA targets {targets!r} "
+                         f"(patterns: {pattern.pattern}); the model layout is not the one FlowGRPO expects")
+    return patcher, lora_params
+
+
+def lora_adapters(patcher: Any) -> list[nn.Module]:
+    """The FlowGRPO LoRA adapters among ``patcher``'s weight wrappers, in insertion order."""
+    cls = _switchable_lora_class()
+    return [f for fns in patcher.weight_wrapper_patches.values() for f in fns if isinstance(f, cls)]
+
+
+@contextlib.contextmanager
+def lora_disabled(patcher: Any) -> Iterator[None]:
+    """Within the context every FlowGRPO adapter of ``patcher`` returns the base weight unchanged."""
+    adapters = lora_adapters(patcher)
+    if not adapters:
+        raise ValueError("this MODEL has no FlowGRPO LoRA to disable; use attach_trainable_lora first")
+    previous = [a.enabled for a in adapters]
+    for a in adapters:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for a, was in zip(adapters, previous):
+            a.enabled = was
+
+
+# ----------------------------------------------------------------------------------------------- conditioning
+_UNSUPPORTED_COND_KEYS = ("area", "mask", "control", "gligen", "hooks", "timestep_start", "timestep_end")
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A processed cond value on ``device``, tensors as normal (non-inference) clones."""
+    if isinstance(value, torch.Tensor):
+        with torch.inference_mode(False):
+            return value.to(device).clone()
+    if isinstance(value, list):
+        return [_on_device(v, device) for v in value]
+    return value
+
+
+def _encode_one(base_model: Any, conditioning: list, prompt_type: str, latent_shape: tuple, batch_size: int,
+                device: torch.device) -> dict[str, Any]:
+    import comfy.sampler_helpers
+
+    entries = comfy.sampler_helpers.convert_cond(conditioning)
+    if len(entries) != 1:
+        raise ValueError(f"the {prompt_type} CONDITIONING has {len(entries)} entries; FlowGRPO needs exactly one "
+                         "(combine prompts with ConditioningConcat or encode them as one)")
+    entry = entries[0]
+    bad = [k for k in _UNSUPPORTED_COND_KEYS if entry.get(k) is not None]
+    if bad:
+        raise ValueError(f"the {prompt_type} CONDITIONING uses {bad}, which FlowGRPO training does not support")
+    noise = torch.zeros(latent_shape)
+    params = dict(entry, device=device, noise=noise, prompt_type=prompt_type)
+    params.setdefault("width", latent_shape[-1] * 8)
+    params.setdefault("height", latent_shape[-2] * 8)
+    model_conds = dict(entry["model_conds"])
+    model_conds.update(base_model.extra_conds(**params))
+    return {k: _on_device(c.process_cond(batch_size=batch_size, area=None, device=device).cond, device)
+            for k, c in model_conds.items()}
+
+
+def encode_conditioning(patcher: Any, positive: list, negative: Optional[list], batch_size: int,
+                        latent_shape: tuple, device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Batch-first ``apply_model`` kwargs for ``batch_size`` samples, as ``comfy.samplers`` encodes model conds.
+
+    Returns ``{"positive": {...}}`` plus ``"negative"`` when given; each branch maps kwarg names to values repeated
+    along the batch: ``c_crossattn [B, T, C]``, ``y [B, P]`` (SD3, FLUX), ``guidance [B]`` (FLUX), ... ``latent_shape``
+    is one sample's or the batch's latent shape (only its spatial dims are used).
+    """
+    device = device or patcher.load_device
+    shape = (batch_size, *tuple(latent_shape)[1:])
+    out = {"positive": _encode_one(patcher.model, positive, "positive", shape, batch_size, device)}
+    if negative is not None:
+        out["negative"] = _encode_one(patcher.model, negative, "negative", shape, batch_size, device)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- CFG
+def cfg_norm_rescale(guided: torch.Tensor, cond: torch.Tensor, patch_size: int = 2) -> torch.Tensor:
+    """Qwen-Image's rescale ``v = guided * ||cond|| / ||guided||``, norms per token over its values.
+
+    ``guided``, ``cond``: ``[B, C, H, W]`` or ``[B, C, T, H, W]`` (ComfyUI's unpacked layout); a token is one
+    ``patch_size x patch_size`` spatial patch times ``C`` channels (64 values for Qwen-Image), as in diffusers'
+    packed layout. Odd spatial sizes are zero-padded for the norm (zeros do not change it).
+    """
+    h, w = guided.shape[-2:]
+    ph, pw = (-h) % patch_size, (-w) % patch_size
+
+    def token_norm(t: torch.Tensor) -> torch.Tensor:
+        t = nn.functional.pad(t, (0, pw, 0, ph)) if ph or pw else t
+        lead, c = t.shape[:-2], t.shape[1]
+        hp, wp = t.shape[-2] // patch_size, t.shape[-1] // patch_size
+        t = t.reshape(*lead, hp, patch_size, wp, patch_size)
+        sq = t.square().sum(dim=(-3, -1), keepdim=True).sum(dim=1, keepdim=True)  # [B, 1, (T,) hp, 1, wp, 1]
+        norm = sq.sqrt().expand(*lead[:1], c, *lead[2:], hp, patch_size, wp, patch_size)
+        norm = norm.reshape(*lead, hp * patch_size, wp * patch_size)
+        return norm[..., :h, :w]
+
+    return guided * (token_norm(cond) / token_norm(guided))
+
+
+# ----------------------------------------------------------------------------------------------- the policy
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a normal clone when it is an inference tensor (autograd cannot save those)."""
+    return t.clone() if t.is_inference() else t
+
+
+class ComfyFlowPolicy:
+    """A :class:`flowgrpo_core.policy.FlowPolicy` over a patcher returned by :func:`attach_trainable_lora`.
+
+    ``cond`` is :func:`encode_conditioning`'s dict. ``velocity`` runs one ``apply_model`` per branch:
+    ``v = v_u + cfg * (v_c - v_u)`` when ``cfg != 1`` (needs ``cond["negative"]``), then optionally
+    :func:`cfg_norm_rescale` (Qwen-Image). FLUX's guidance travels in ``cond["positive"]["guidance"]``.
+    """
+
+    def __init__(self, patcher: Any, cfg: float = 1.0, norm_rescale: bool = False):
+        self.patcher = patcher
+        self.cfg = float(cfg)
+        self.norm_rescale = bool(norm_rescale)
+        self.adapters = lora_adapters(patcher)
+        if not self.adapters:
+            raise ValueError("this MODEL has no FlowGRPO LoRA; use attach_trainable_lora first")
+        self.patch_size = int(getattr(patcher.model.diffusion_model, "patch_size", 2))
+        self._training_depth = 0
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """The context every forward *and backward* with gradients must run in (wrap ``GRPOTrainer.update``).
+
+        Leaves ComfyUI's inference mode, enables gradients and allows in-place updates of tensors saved for backward
+        (``torch.autograd.graph.allow_mutation_on_saved_tensors``): ComfyUI's FLUX blocks do ``x += ...`` after a
+        LayerNorm saved ``x``, which plain autograd rejects once a LoRA upstream makes ``x`` require grad.
+        """
+        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.allow_mutation_on_saved_tensors():
+            self._training_depth += 1
+            try:
+                yield
+            finally:
+                self._training_depth -= 1
+
+    def extras(self) -> tuple[tuple[str, Any], ...]:
+        """Model-side settings for ``RolloutSpec.extras``."""
+        return (("cfg", self.cfg), ("norm_rescale", self.norm_rescale))
+
+    def ensure_loaded(self) -> None:
+        """Make this patcher (with its weight wrappers) the loaded one; fix inference-tensor parameters."""
+        import comfy.model_management
+
+        with torch.inference_mode(False):
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+            make_inference_params_trainable_(self.patcher.model)
+
+    def _branch(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """``v`` ``[b, ...]`` fp32 from one ``apply_model`` (denoised) call with ``kwargs``."""
+        options = self.patcher.model_options.get("transformer_options", {}).copy()
+        denoised = self.patcher.model.apply_model(x, sigma, transformer_options=options, **kwargs)
+        return velocity_from_denoised(x, denoised, sigma)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        """``v`` ``[b, ...]`` fp32 at ``x`` ``[b, ...]``, ``sigma`` ``[b]``; ``cond`` holds ``b`` samples."""
+        if torch.is_grad_enabled() and not self._training_depth:
+            raise RuntimeError("ComfyFlowPolicy.velocity with gradients must run inside `with policy.training():` "
+                               "(forward and backward); use torch.no_grad() for sampling")
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):  # inference_mode(False) turns grad on
+            self.ensure_loaded()
+            device = self.patcher.load_device
+            x, sigma = _normal(x.to(device)), _normal(sigma.to(device))
+            v_c = self._branch(x, sigma, cond["positive"])
+            if self.cfg == 1.0:
+                return v_c
+            if cond.get("negative") is None:
+                raise ValueError(f"cfg {self.cfg} needs a negative conditioning")
+            v_u = self._branch(x, sigma, cond["negative"])
+            v = v_u + self.cfg * (v_c - v_u)
+            if self.norm_rescale:
+                v = cfg_norm_rescale(v, v_c, self.patch_size)
+            return v
+
+    def reference(self):
+        return lora_disabled(self.patcher)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for a in self.adapters for p in a.parameters() if p.requires_grad]
