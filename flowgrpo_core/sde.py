@@ -64,23 +64,33 @@ def _per_sample(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _check_step(sigma: Scalar, sigma_next: Scalar, noise_level: Scalar) -> None:
-    """Validate a step's sigmas and noise level (plain floats are checked without touching a device)."""
-    def lowest(v: Scalar) -> float:
-        return float(v.min()) if isinstance(v, torch.Tensor) else float(v)
+def _lowest(v: Scalar) -> float:
+    return float(v.min()) if isinstance(v, torch.Tensor) else float(v)
 
-    def highest(v: Scalar) -> float:
-        return float(v.max()) if isinstance(v, torch.Tensor) else float(v)
 
-    if lowest(sigma) <= 0 or highest(sigma) > 1 + SIGMA_ONE_ATOL or lowest(sigma_next) < 0:
+def _highest(v: Scalar) -> float:
+    return float(v.max()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def check_noise_level(kind: str, noise_level: Scalar) -> None:
+    """Raise a ValueError for an unknown kind or a noise level outside its range (>= 0; <= 1 for cps and
+    euler_ancestral, whose eta is a share of the noise). Plain floats are checked without touching a device."""
+    if kind not in SDE_KINDS:
+        raise ValueError(f"unknown SDE kind {kind!r}: sde_kind must be one of {', '.join(SDE_KINDS)}")
+    if _lowest(noise_level) < 0:
+        raise ValueError("noise_level must be >= 0")
+    if kind in BOUNDED_LEVEL_KINDS and _highest(noise_level) > 1:
+        raise ValueError(f"{kind} takes a noise level (eta) in [0, 1]")
+
+
+def _check_step(kind: str, sigma: Scalar, sigma_next: Scalar, noise_level: Scalar) -> None:
+    """Validate a step's kind, sigmas and noise level (plain floats are checked without touching a device)."""
+    check_noise_level(kind, noise_level)
+    if _lowest(sigma) <= 0 or _highest(sigma) > 1 + SIGMA_ONE_ATOL or _lowest(sigma_next) < 0:
         raise ValueError("sigmas must lie in [0, 1] with the current sigma > 0 (flow convention, sigma = 1 is noise)")
-    gap = sigma_next - sigma if isinstance(sigma_next, torch.Tensor) or isinstance(sigma, torch.Tensor) \
-        else float(sigma_next) - float(sigma)
-    if highest(gap) >= 0:
+    if _highest(sigma_next - sigma) >= 0:
         raise ValueError("sigma_next must be strictly below sigma: the sigma grid must decrease strictly "
                          "(a repeated or reversed sigma gives a zero-variance step)")
-    if lowest(noise_level) < 0:
-        raise ValueError("noise_level must be >= 0")
 
 
 def velocity_from_denoised(sample: torch.Tensor, denoised: torch.Tensor, sigma: Scalar) -> torch.Tensor:
@@ -137,13 +147,11 @@ def sde_mean_std(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma:
 
     At ``noise_level = 0`` every kind reduces to the Euler step.
     """
-    if kind not in SDE_KINDS:
-        raise ValueError(f"unknown SDE kind {kind!r}; choose one of {', '.join(SDE_KINDS)}")
+    _check_step(kind, sigma, sigma_next, noise_level)
     x = sample.float()
     v = velocity.float()
     if v.shape != x.shape:
         raise ValueError(f"velocity shape {tuple(v.shape)} does not match sample shape {tuple(x.shape)}")
-    _check_step(sigma, sigma_next, noise_level)
     s = _per_sample(sigma, x, "sigma")
     s_next = _per_sample(sigma_next, x, "sigma_next")
     a = _per_sample(noise_level, x, "noise_level")
@@ -151,8 +159,6 @@ def sde_mean_std(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma:
 
     if kind == "ode":
         return x + delta * v, torch.zeros_like(s)
-    if kind in BOUNDED_LEVEL_KINDS and bool((a > 1).any()):
-        raise ValueError(f"{kind} takes a noise level (eta) in [0, 1]")
     if kind == "euler_ancestral":
         ratio = s_next / s
         s_down = s_next * (1 + (ratio - 1) * a)

@@ -14,19 +14,10 @@ import torch
 from comfy_api.latest import io
 from tqdm.auto import trange
 
-from ..flowgrpo_core.sde import BOUNDED_LEVEL_KINDS, SDE_KINDS, sde_step
+from ..flowgrpo_core.sde import SDE_KINDS, check_noise_level, sde_step
 from .model_adapter import predict_velocity, require_flow_model
 
 __all__ = ["FlowGRPOSDESampler", "sample_flow_sde", "make_sde_sampler"]
-
-def _check_options(sde_kind: str, noise_level: float) -> None:
-    if sde_kind not in SDE_KINDS:
-        raise ValueError(f"sde_kind must be one of {', '.join(SDE_KINDS)}, got {sde_kind!r}")
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    if sde_kind in BOUNDED_LEVEL_KINDS and noise_level > 1:
-        raise ValueError(f"for sde_kind {sde_kind}, noise_level (eta) must lie in [0, 1], got {noise_level}")
-
 
 def _interrupt_point() -> None:
     import comfy.model_management
@@ -46,7 +37,7 @@ def sample_flow_sde(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas:
     the predicted clean sample). The step noise comes from a local ``torch.Generator`` on ``x.device`` seeded with
     ``seed``, so a run is reproducible and independent of the global RNG.
     """
-    _check_options(sde_kind, noise_level)
+    check_noise_level(sde_kind, noise_level)
     require_flow_model(model)
     extra_args = {} if extra_args is None else extra_args
     generator = torch.Generator(device=x.device)
@@ -67,7 +58,7 @@ def make_sde_sampler(sde_kind: str = "flow_sde", noise_level: float = 0.7, seed:
     """A ``comfy.samplers.KSAMPLER`` running :func:`sample_flow_sde` with these options."""
     import comfy.samplers
 
-    _check_options(sde_kind, noise_level)
+    check_noise_level(sde_kind, noise_level)
     return comfy.samplers.KSAMPLER(sample_flow_sde,
                                    extra_options={"sde_kind": sde_kind, "noise_level": float(noise_level),
                                                   "seed": int(seed)})
