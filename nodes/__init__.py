@@ -1,19 +1,26 @@
 """The pack's ComfyUI nodes, registered through the V3 extension API (``comfy_api.latest``).
 
 ComfyUI imports the pack from its file path, so the pack is not importable by a top-level name: every import inside
-the pack is relative. To add a node, import its class here and append it to ``NODE_CLASSES``.
+the pack is relative. Each node module lists its classes in ``NODES``; this file only concatenates them, in menu
+order.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .sampler_nodes import FlowGRPOSDESampler
+from . import loop_nodes, lora_nodes, prompt_nodes, reward_nodes, rollout_nodes, sampler_nodes, train_nodes
 
 #: Every node class the pack registers, in menu order.
 #: Node ids start with ``FlowGRPO``, custom types with ``FLOWGRPO_`` (tests/comfy checks both).
 NODE_CLASSES: list[type[io.ComfyNode]] = [
-    FlowGRPOSDESampler,
+    *prompt_nodes.NODES,
+    *rollout_nodes.NODES,
+    *sampler_nodes.NODES,
+    *reward_nodes.NODES,
+    *train_nodes.NODES,
+    *lora_nodes.NODES,
+    *loop_nodes.NODES,
 ]
 
 

@@ -102,3 +102,4 @@ class FlowGRPOSDESampler(io.ComfyNode):
     @classmethod
     def execute(cls, sde_kind: str, noise_level: float, seed: int) -> io.NodeOutput:
         return io.NodeOutput(make_sde_sampler(sde_kind, noise_level, seed))
+NODES = [FlowGRPOSDESampler]

@@ -1,0 +1,3 @@
+"""Placeholder: filled in by the issue-3 work."""
+
+NODES: list = []

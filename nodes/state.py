@@ -1,0 +1,168 @@
+"""The values that travel between the pack's nodes (custom ComfyUI types ``FLOWGRPO_*``) and the node-error helper.
+
+ComfyUI passes outputs by reference and caches them, so nodes never mutate an input object: an update returns a new
+:class:`TrainerState` (it shares the LoRA tensors and the optimizer, which the update advances in place; the returned
+state's ``iteration`` says how far they are).
+
+=====================  =======================  ==============================================================
+type                   class                    made by
+=====================  =======================  ==============================================================
+``FLOWGRPO_GROUPS``    :class:`PromptBatch`     Prompt Source: which prompt each sample shows, its group id
+``FLOWGRPO_ROLLOUT``   :class:`Rollout`         SDE Sampler (rollout): the trajectory with log-probs and spec
+``FLOWGRPO_REWARDS``   :class:`Rewards`         reward nodes: one score per sample
+``FLOWGRPO_TRAINER``   :class:`TrainerState`    LoRA Init / GRPO Update / loop nodes: LoRA, optimizer, history
+=====================  =======================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..flowgrpo_core.rollout import Trajectory
+
+__all__ = [
+    "GROUPS", "ROLLOUT", "REWARDS", "TRAINER", "LOOP",
+    "PromptBatch", "Rollout", "Rewards", "TrainerState", "LoraSettings",
+    "NodeInputError", "node_error", "emit", "METRICS_EVENT", "CHECKPOINT_EVENT",
+]
+
+GROUPS = "FLOWGRPO_GROUPS"
+ROLLOUT = "FLOWGRPO_ROLLOUT"
+REWARDS = "FLOWGRPO_REWARDS"
+TRAINER = "FLOWGRPO_TRAINER"
+LOOP = "FLOWGRPO_LOOP"
+
+#: websocket event (``PromptServer.send_sync``) sent after every GRPO update: ``{"node", "iteration", metrics...}``
+METRICS_EVENT = "flowgrpo.metrics"
+#: websocket event sent after a checkpoint was written: ``{"node", "iteration", "lora_path", "state_path"}``
+CHECKPOINT_EVENT = "flowgrpo.checkpoint"
+
+
+class NodeInputError(ValueError):
+    """A bad input, with the node's display name and the fix in the message."""
+
+
+def node_error(node: str, problem: str, fix: str) -> NodeInputError:
+    """``NodeInputError("<node>: <problem>. Fix: <fix>")`` (raise it)."""
+    return NodeInputError(f"{node}: {problem}. Fix: {fix}")
+
+
+def emit(event: str, data: dict) -> None:
+    """Send a websocket event to every client of a running ComfyUI server; nothing without a server."""
+    try:
+        import server
+    except ImportError:
+        return
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one iteration, sample by sample (``B = prompts_per_iteration * group_size``).
+
+    texts:          ``B`` prompt strings; samples of one group share their text.
+    group_ids:      ``[B]`` long, equal ids = same prompt in this iteration (the GRPO groups).
+    prompt_indices: ``B`` indices into the full prompt list (for per-prompt statistics).
+    iteration:      the iteration the prompts were drawn for.
+    group_size:     samples per prompt.
+    """
+
+    texts: tuple[str, ...]
+    group_ids: torch.Tensor
+    prompt_indices: tuple[int, ...]
+    iteration: int
+    group_size: int
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A sampled batch and everything needed to replay its log-probs.
+
+    trajectory: the core :class:`~flowgrpo_core.rollout.Trajectory` (latents ``[N+1, B, ...]``, log-probs ``[N, B]``,
+                the frozen spec, the encoded conditioning).
+    model:      the ``ModelPatcher`` that sampled it (carries the trainer's LoRA adapters when it came from one).
+    groups:     the prompt batch (``None`` when the sampler got plain conditioning).
+    seed:       the sampler's seed; ``iteration``: the iteration it was sampled for.
+    """
+
+    trajectory: Trajectory
+    model: Any
+    groups: Optional[PromptBatch]
+    seed: int
+    iteration: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.trajectory.batch_size
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """Per-sample scores ``[B]`` fp32 (``components``: named raw scores before weighting, each ``[B]``)."""
+
+    values: torch.Tensor
+    components: tuple[tuple[str, torch.Tensor], ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How the LoRA was made: what a checkpoint must match to be resumed."""
+
+    rank: int
+    alpha: float
+    targets: str
+    seed: int
+    learning_rate: float
+    family: str
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """A LoRA being trained with GRPO.
+
+    base_model:  the input MODEL (never modified).
+    patcher:     a clone of it carrying the trainable LoRA (``nodes.comfy_policy.attach_trainable_lora``).
+    lora_params: ``diffusion_model.<path>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` -> fp32 tensors
+                 (the live parameters: a ComfyUI-native LoRA state dict).
+    optimizer:   the optimizer over the trainable ``lora_params``.
+    settings:    :class:`LoraSettings`.
+    iteration:   completed GRPO updates (continues across resumes).
+    history:     one metrics dict per completed update (``reward_mean``, ``reward_std``, ``loss``, ...).
+    run_name:    file-name prefix of checkpoints; ``checkpoint``: path of the last saved LoRA file, if any.
+    """
+
+    base_model: Any
+    patcher: Any
+    lora_params: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    settings: LoraSettings
+    iteration: int = 0
+    history: tuple[dict, ...] = ()
+    run_name: str = "flowgrpo"
+    checkpoint: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def advanced(self, metrics: dict) -> "TrainerState":
+        """The state after one more update with ``metrics`` (a new object; tensors and optimizer shared)."""
+        return dataclasses.replace(self, iteration=self.iteration + 1, history=self.history + (dict(metrics),))
+
+    def with_checkpoint(self, path: str) -> "TrainerState":
+        return dataclasses.replace(self, checkpoint=path)
+
+    def reward_curve(self) -> list[float]:
+        return [float(m.get("reward_mean", math.nan)) for m in self.history]
