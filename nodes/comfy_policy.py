@@ -38,6 +38,7 @@ __all__ = [
     "make_inference_params_trainable_",
     "encode_conditioning",
     "cfg_norm_rescale",
+    "gradient_checkpointing",
     "ComfyFlowPolicy",
 ]
 
@@ -263,6 +264,46 @@ def cfg_norm_rescale(guided: torch.Tensor, cond: torch.Tensor, patch_size: int =
     return guided * (token_norm(cond) / token_norm(guided))
 
 
+# ----------------------------------------------------------------------------------------------- memory
+def _blocks(diffusion_model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: every element of the ``nn.ModuleList`` children of the diffusion model
+    (SD3 ``joint_blocks``, FLUX ``double_blocks`` + ``single_blocks``, Qwen-Image ``transformer_blocks``)."""
+    return [b for child in diffusion_model.children() if isinstance(child, nn.ModuleList) for b in child]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(patcher: Any, enabled: bool = True) -> Iterator[int]:
+    """Within the context, each transformer block of ``patcher``'s diffusion model recomputes its activations in the
+    backward pass instead of storing them (``torch.utils.checkpoint``, non-reentrant) whenever gradients are on.
+    Yields the number of wrapped blocks; the blocks are restored on exit (they are shared with the input MODEL)."""
+    if not enabled:
+        yield 0
+        return
+    import torch.utils.checkpoint
+
+    blocks = _blocks(patcher.model.diffusion_model)
+    for block in blocks:
+        plain = block.forward
+
+        def on_copies(*args: Any, _plain=plain, **kwargs: Any) -> Any:
+            # FLUX blocks update their inputs in place (x += ...); the checkpoint must keep the originals intact
+            # for the recomputation, so the block works on copies
+            copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            return _plain(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+
+        def checkpointed(*args: Any, _plain=plain, _copies=on_copies, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_copies, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = checkpointed
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
 # ----------------------------------------------------------------------------------------------- the policy
 def _normal(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a normal clone when it is an inference tensor (autograd cannot save those)."""
@@ -277,13 +318,13 @@ class ComfyFlowPolicy:
     :func:`cfg_norm_rescale` (Qwen-Image). FLUX's guidance travels in ``cond["positive"]["guidance"]``.
     """
 
-    def __init__(self, patcher: Any, cfg: float = 1.0, norm_rescale: bool = False):
+    def __init__(self, patcher: Any, cfg: float = 1.0, norm_rescale: bool = False,
+                 checkpointing: bool = False):
         self.patcher = patcher
         self.cfg = float(cfg)
         self.norm_rescale = bool(norm_rescale)
-        self.adapters = lora_adapters(patcher)
-        if not self.adapters:
-            raise ValueError("this MODEL has no FlowGRPO LoRA; use attach_trainable_lora first")
+        self.checkpointing = bool(checkpointing)
+        self.adapters = lora_adapters(patcher)  # empty for a plain MODEL: it can sample but not train
         self.patch_size = int(getattr(patcher.model.diffusion_model, "patch_size", 2))
         self._training_depth = 0
 
@@ -293,9 +334,14 @@ class ComfyFlowPolicy:
 
         Leaves ComfyUI's inference mode, enables gradients and allows in-place updates of tensors saved for backward
         (``torch.autograd.graph.allow_mutation_on_saved_tensors``): ComfyUI's FLUX blocks do ``x += ...`` after a
-        LayerNorm saved ``x``, which plain autograd rejects once a LoRA upstream makes ``x`` require grad.
+        LayerNorm saved ``x``, which plain autograd rejects once a LoRA upstream makes ``x`` require grad. With
+        ``checkpointing`` the transformer blocks recompute their activations in backward (:func:`gradient_checkpointing`);
+        the mutation context is then left out: it cannot be combined with recomputation, and the checkpointed blocks
+        work on copies of their inputs.
         """
-        with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.allow_mutation_on_saved_tensors():
+        mutation = contextlib.nullcontext() if self.checkpointing else torch.autograd.graph.allow_mutation_on_saved_tensors()
+        with torch.inference_mode(False), torch.enable_grad(), mutation, \
+                gradient_checkpointing(self.patcher, self.checkpointing):
             self._training_depth += 1
             try:
                 yield
@@ -325,6 +371,9 @@ class ComfyFlowPolicy:
         if torch.is_grad_enabled() and not self._training_depth:
             raise RuntimeError("ComfyFlowPolicy.velocity with gradients must run inside `with policy.training():` "
                                "(forward and backward); use torch.no_grad() for sampling")
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()  # every forward is an interrupt point
         grad = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):  # inference_mode(False) turns grad on
             self.ensure_loaded()
@@ -345,4 +394,6 @@ class ComfyFlowPolicy:
         return lora_disabled(self.patcher)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.adapters:
+            raise ValueError("this MODEL has no FlowGRPO LoRA to train; use attach_trainable_lora first")
         return [p for a in self.adapters for p in a.parameters() if p.requires_grad]

@@ -28,7 +28,7 @@ from ..flowgrpo_core.rollout import Trajectory
 __all__ = [
     "GROUPS", "ROLLOUT", "REWARDS", "TRAINER", "LOOP",
     "PromptBatch", "Rollout", "Rewards", "TrainerState", "LoraSettings",
-    "NodeInputError", "node_error", "emit", "METRICS_EVENT", "CHECKPOINT_EVENT",
+    "NodeInputError", "node_error", "emit", "METRICS_EVENT", "CHECKPOINT_EVENT", "RESULT_EVENT",
 ]
 
 GROUPS = "FLOWGRPO_GROUPS"
@@ -39,8 +39,10 @@ LOOP = "FLOWGRPO_LOOP"
 
 #: websocket event (``PromptServer.send_sync``) sent after every GRPO update: ``{"node", "iteration", metrics...}``
 METRICS_EVENT = "flowgrpo.metrics"
-#: websocket event sent after a checkpoint was written: ``{"node", "iteration", "lora_path", "state_path"}``
+#: websocket event sent after a checkpoint was written: ``{"iteration", "lora_path", "state_path"}``
 CHECKPOINT_EVENT = "flowgrpo.checkpoint"
+#: websocket event sent when a training node finishes: ``{"run", "lora_path", "reward_curve_path", "iterations"}``
+RESULT_EVENT = "flowgrpo.result"
 
 
 class NodeInputError(ValueError):
@@ -143,7 +145,8 @@ class TrainerState:
     settings:    :class:`LoraSettings`.
     iteration:   completed GRPO updates (continues across resumes).
     history:     one metrics dict per completed update (``reward_mean``, ``reward_std``, ``loss``, ...).
-    run_name:    file-name prefix of checkpoints; ``checkpoint``: path of the last saved LoRA file, if any.
+    run_name:    file-name prefix of checkpoints; ``checkpoint``: path of the last saved LoRA file, if any, and
+                 ``saved_iteration`` the iteration it holds (-1: none).
     """
 
     base_model: Any
@@ -155,6 +158,7 @@ class TrainerState:
     history: tuple[dict, ...] = ()
     run_name: str = "flowgrpo"
     checkpoint: Optional[str] = None
+    saved_iteration: int = -1
     extra: dict = field(default_factory=dict)
 
     def advanced(self, metrics: dict) -> "TrainerState":
@@ -162,7 +166,8 @@ class TrainerState:
         return dataclasses.replace(self, iteration=self.iteration + 1, history=self.history + (dict(metrics),))
 
     def with_checkpoint(self, path: str) -> "TrainerState":
-        return dataclasses.replace(self, checkpoint=path)
+        """The state recording that its current iteration was saved to ``path``."""
+        return dataclasses.replace(self, checkpoint=str(path), saved_iteration=self.iteration)
 
     def reward_curve(self) -> list[float]:
         return [float(m.get("reward_mean", math.nan)) for m in self.history]

@@ -245,3 +245,37 @@ def test_rollout_replay_and_grpo_update(kind, mods, run_node, tiny_sd3_file):
         with policy.reference():
             v_ref = policy.velocity(x_probe, sigma_probe, probe_cond)
     torch.testing.assert_close(v_ref, v_base, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+def test_gradient_checkpointing_gives_the_same_gradients(kind, mods, run_node, tiny_sd3_file):
+    P = mods.policy
+    s = SETTINGS[kind]
+    model = _load(kind, run_node, tiny_sd3_file)
+    patcher, lora = P.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp", seed=0)
+    with torch.no_grad():
+        for k, p in lora.items():
+            if k.endswith("lora_up.weight"):
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(k)))
+    pos, neg = _conds(kind)
+    cond = P.encode_conditioning(patcher, pos, neg, 2, tiny_models.latent_shape(kind, 2))
+    x = tiny_models.random_latent(kind, batch=2, seed=5)
+    sigma = torch.tensor([0.9, 0.4])
+    blocks = P._blocks(patcher.model.diffusion_model)
+    assert blocks and not any("forward" in b.__dict__ for b in blocks)
+
+    grads = {}
+    for checkpointing in (False, True):
+        policy = P.ComfyFlowPolicy(patcher, cfg=s["cfg"], norm_rescale=s["norm_rescale"], checkpointing=checkpointing)
+        params = policy.trainable_parameters()
+        for p in params:
+            p.grad = None
+        with policy.training():
+            if checkpointing:
+                assert all("forward" in b.__dict__ for b in blocks), "every block is wrapped inside the context"
+            policy.velocity(x, sigma, cond).square().mean().backward()
+        grads[checkpointing] = [p.grad.detach().clone() for p in params if p.grad is not None]
+    assert not any("forward" in b.__dict__ for b in blocks), "the shared blocks are restored afterwards"
+    assert len(grads[True]) == len(grads[False]) > 0
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,165 @@
+"""The GRPO update on a ComfyUI trainer state: ``FlowGRPO GRPO Update`` and :func:`grpo_update` (shared with the
+all-in-one train node).
+
+The update replays the rollout with the model that sampled it (same conditioning, CFG, guidance, sigma grid and
+micro-batch layout: the rollout's frozen spec), so the first recomputed log-prob ratio is 1; the metric
+``first_log_ratio_abs_max`` reports how close it was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from comfy_api.latest import io
+
+from ..flowgrpo_core.grpo import group_advantages
+from ..flowgrpo_core.trainer import GRPOConfig, GRPOTrainer
+from .comfy_policy import ComfyFlowPolicy, lora_adapters
+from .state import METRICS_EVENT, REWARDS, ROLLOUT, TRAINER, Rewards, Rollout, TrainerState, emit, node_error
+
+__all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "grpo_update", "format_metrics", "FlowGRPOUpdate",
+           "NODES"]
+
+NODE = "FlowGRPO GRPO Update"
+STD_MODES = ("global", "group")
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """GRPO hyper-parameters of an update (advantage normalisation + :class:`GRPOConfig`)."""
+
+    config: GRPOConfig = GRPOConfig()
+    std_mode: str = "global"
+    std_floor: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+def grpo_inputs() -> list:
+    """The update widgets shared by the GRPO Update node and the all-in-one train node."""
+    return [
+        io.Float.Input("clip_range", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                       tooltip="PPO ratio clip epsilon (Flow-GRPO: 1e-4 for SDE rollouts, 1e-5 for CPS)."),
+        io.Float.Input("kl_beta", default=0.0, min=0.0, max=10.0, step=0.001,
+                       tooltip="Weight of the KL to the frozen base model (Flow-GRPO SD3.5: 0.04; 0 skips the "
+                               "reference forward)."),
+        io.Float.Input("adv_clip_max", default=5.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Advantages are clipped to +-this (0 disables the clip)."),
+        io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1,
+                       tooltip="Gradient-norm clip of each optimizer step (0 disables it)."),
+        io.Combo.Input("std_mode", options=list(STD_MODES), default="global",
+                       tooltip="Advantage normalisation: global = divide by the std of the whole batch (Flow-GRPO "
+                               "default), group = by each prompt group's std."),
+        io.Int.Input("optimizer_steps", default=1, min=1, max=64,
+                     tooltip="Optimizer steps per update; the micro-batches are split among them (needs at least "
+                             "as many micro-batches)."),
+        io.Boolean.Input("gradient_checkpointing", default=False,
+                         tooltip="Recompute each transformer block's activations in the backward pass: much less "
+                                 "memory for about one extra forward of compute."),
+    ]
+
+
+def update_settings(clip_range: float, kl_beta: float, adv_clip_max: float, max_grad_norm: float, std_mode: str,
+                    optimizer_steps: int, gradient_checkpointing: bool = False) -> UpdateSettings:
+    config = GRPOConfig(clip_range=float(clip_range), adv_clip_max=float(adv_clip_max) or None,
+                        kl_beta=float(kl_beta), max_grad_norm=float(max_grad_norm) or None,
+                        optimizer_steps=int(optimizer_steps))
+    return UpdateSettings(config=config, std_mode=std_mode, gradient_checkpointing=bool(gradient_checkpointing))
+
+
+def _check_inputs(state: TrainerState, rollout: Rollout, rewards: Rewards, node: str) -> None:
+    trained = {id(a) for a in lora_adapters(state.patcher)}
+    sampled = {id(a) for a in lora_adapters(rollout.model)}
+    if not trained or sampled != trained:
+        raise node_error(node, "the rollout was sampled with a model that does not carry this trainer's LoRA",
+                         "connect the MODEL output of the FlowGRPO LoRA Init that made this trainer (or a model "
+                         "derived from it) to the rollout sampler")
+    if rollout.groups is None:
+        raise node_error(node, "the rollout has no prompt groups", "connect FlowGRPO Prompt Source's groups output "
+                         "to the rollout sampler's groups input")
+    if rewards.batch_size != rollout.batch_size:
+        raise node_error(node, f"{rewards.batch_size} rewards for a rollout of {rollout.batch_size} samples",
+                         "score the images decoded from this rollout's LATENT (one reward per sample)")
+    bad = (~torch.isfinite(rewards.values)).nonzero().flatten().tolist()
+    if bad:
+        raise node_error(node, f"the rewards of samples {bad} are NaN or infinite; the update was skipped and the "
+                         "LoRA is unchanged", "fix the reward (a NaN reward would poison its whole group)")
+
+
+def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, settings: UpdateSettings,
+                node: str = NODE) -> tuple[TrainerState, dict]:
+    """One GRPO update of ``state``'s LoRA on ``rollout`` scored by ``rewards``; returns ``(new_state, metrics)``.
+
+    Metrics: the trainer's (loss, approx_kl, clipfrac, ratio_mean/min/max, grad_norm, kl,
+    first_log_ratio_abs_max, ...) plus reward_mean, reward_std, zero_std_ratio, iteration (completed updates
+    after this one) and seconds.
+    """
+    _check_inputs(state, rollout, rewards, node)
+    start = time.perf_counter()
+    adv = group_advantages(rewards.values, rollout.groups.group_ids, std_mode=settings.std_mode,
+                           clip=settings.config.adv_clip_max, std_floor=settings.std_floor)
+    extras = dict(rollout.trajectory.spec.extras)
+    policy = ComfyFlowPolicy(rollout.model, cfg=extras.get("cfg", 1.0), norm_rescale=extras.get("norm_rescale", False),
+                             checkpointing=settings.gradient_checkpointing)
+    trainer = GRPOTrainer(policy, state.optimizer, settings.config)
+    try:
+        with policy.training():
+            metrics = trainer.update(rollout.trajectory, adv.advantages)
+    except (ValueError, FloatingPointError) as e:
+        raise node_error(node, str(e), "lower the learning rate or check the rewards") from None
+    values = rewards.values.double()
+    metrics.update(reward_mean=float(values.mean()), reward_std=float(values.std(unbiased=False)),
+                   zero_std_ratio=float(adv.zero_std_ratio), iteration=state.iteration + 1,
+                   seconds=time.perf_counter() - start)
+    for name, component in rewards.components:
+        if len(rewards.components) > 1:
+            metrics[f"reward_{name}"] = float(component.double().mean())
+    return state.advanced(metrics), metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    """One line: iteration, reward mean +- std and the main diagnostics."""
+    return (f"iter {metrics.get('iteration', '?')}: reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f}"
+            f"  loss {metrics['loss']:+.3e}  approx_kl {metrics['approx_kl']:.2e}  clipfrac {metrics['clipfrac']:.3f}"
+            f"  zero_std {metrics['zero_std_ratio']:.2f}")
+
+
+class FlowGRPOUpdate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowGRPOUpdate",
+            display_name=NODE,
+            category="FlowGRPO/training",
+            description="One GRPO update of the trainer's LoRA from a rollout and its rewards: group-relative "
+                        "advantages, log-probs replayed with the rollout's exact settings, clipped surrogate "
+                        "(+ KL), one or more optimizer steps.",
+            inputs=[
+                io.Custom(TRAINER).Input("trainer", tooltip="Trainer state (FlowGRPO LoRA Init, or the previous "
+                                                            "update through FlowGRPO Loop Start)."),
+                io.Custom(ROLLOUT).Input("rollout", tooltip="The rollout from FlowGRPO SDE Sampler (rollout), "
+                                                            "sampled with this trainer's MODEL."),
+                io.Custom(REWARDS).Input("rewards", tooltip="One reward per sample of the rollout."),
+                *grpo_inputs(),
+            ],
+            outputs=[
+                io.Custom(TRAINER).Output(display_name="trainer", tooltip="The trainer after this update."),
+                io.String.Output(display_name="metrics", tooltip="This update's metrics as JSON."),
+                io.Float.Output(display_name="reward_mean", tooltip="Mean reward of the rollout."),
+            ],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, trainer, rollout, rewards, clip_range, kl_beta, adv_clip_max, max_grad_norm, std_mode,
+                optimizer_steps, gradient_checkpointing) -> io.NodeOutput:
+        settings = update_settings(clip_range, kl_beta, adv_clip_max, max_grad_norm, std_mode, optimizer_steps,
+                                   gradient_checkpointing)
+        state, metrics = grpo_update(trainer, rollout, rewards, settings)
+        emit(METRICS_EVENT, dict(metrics, run=state.run_name))
+        return io.NodeOutput(state, json.dumps(metrics, sort_keys=True), metrics["reward_mean"])
+
+
+NODES = [FlowGRPOUpdate]
