@@ -1,0 +1,354 @@
+"""ComfyUI glue for the trainable LoRA: start or resume a run, save checkpoints, apply the LoRA to a MODEL.
+
+Files live in the first ``loras`` folder (``folder_paths.get_folder_paths("loras")[0]``, i.e. ``models/loras``):
+
+* ``<prefix>_<iteration:05d>.safetensors``: the LoRA, ComfyUI-native keys ``diffusion_model.<path>.lora_up.weight``
+  / ``.lora_down.weight`` / ``.alpha`` in fp32, nothing else; stock ``LoraLoaderModelOnly`` lists and loads it.
+* ``<same stem>.flowgrpo-state``: its training state (optimizer, iteration, history, settings; safetensors inside,
+  ``flowgrpo_core.checkpoint``). ComfyUI does not list this extension as a LoRA. Written last, so its presence means
+  the pair is complete; only pairs can be resumed.
+* ``<same stem>.peft.safetensors`` (export "peft"): the same LoRA in PEFT / diffusers keys
+  ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, built from the keys ComfyUI's own
+  loader accepts (``comfy.lora.model_lora_keys_unet``: ``comfy.utils.mmdit_to_diffusers`` for SD3,
+  ``flux_to_diffusers`` for FLUX, the module names themselves for Qwen-Image); fused ``qkv`` / ``linear1`` are split
+  by rows. The scale alpha / rank is folded into ``lora_B`` and ``.alpha`` = rank, so loaders that ignore ``.alpha``
+  (and then assume ``lora_alpha = r``) apply the same update as ComfyUI and diffusers' FLUX loader, which read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..flowgrpo_core.checkpoint import (
+    CheckpointError,
+    TrainingStateFile,
+    atomic_save_safetensors,
+    load_training_state,
+    peft_from_comfy,
+    training_state_payload,
+)
+from .comfy_policy import LORA_TARGETS, attach_trainable_lora, model_family
+from .model_adapter import require_flow_model
+from .state import CHECKPOINT_EVENT, LoraSettings, TrainerState, emit, node_error
+
+__all__ = [
+    "INIT_NODE", "SAVE_NODE", "APPLY_NODE", "STATE_SUFFIX", "PEFT_SUFFIX", "PEFT_PREFIX",
+    "loras_root", "state_path_for", "resume_options", "find_latest_checkpoint",
+    "make_trainer_state", "save_checkpoint", "lora_state_dict", "peft_key_map", "peft_state_dict", "apply_lora",
+]
+
+log = logging.getLogger(__name__)
+
+INIT_NODE = "FlowGRPO LoRA Init"
+SAVE_NODE = "FlowGRPO Save LoRA"
+APPLY_NODE = "FlowGRPO Apply Trained LoRA"
+
+LORA_SUFFIX = ".safetensors"
+STATE_SUFFIX = ".flowgrpo-state"
+PEFT_SUFFIX = ".peft.safetensors"
+PEFT_PREFIX = "transformer."
+EXPORTS = ("comfyui", "peft")
+_TRAINABLE = (".lora_up.weight", ".lora_down.weight")
+_BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*]')
+#: settings a checkpoint must share with the requested LoRA to be resumed
+_RESUME_KEYS = ("family", "rank", "alpha", "targets")
+
+
+# ----------------------------------------------------------------------------------------------- files
+def loras_root() -> Path:
+    """The first ``loras`` folder (where checkpoints are written and looked for)."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def state_path_for(lora_path: os.PathLike | str) -> Path:
+    """``<stem>.flowgrpo-state`` next to ``<stem>.safetensors``."""
+    lora_path = Path(lora_path)
+    return lora_path.with_name(lora_path.name[: -len(LORA_SUFFIX)] + STATE_SUFFIX)
+
+
+def _peft_path_for(lora_path: Path) -> Path:
+    return lora_path.with_name(lora_path.name[: -len(LORA_SUFFIX)] + PEFT_SUFFIX)
+
+
+def _safe_prefix(prefix: str, node: str, what: str) -> str:
+    """``prefix`` as a relative ``a/b/name`` inside the loras folder; node_error for traversal or odd characters."""
+    text = str(prefix).strip().replace("\\", "/")
+    fix = (f"use a plain name such as 'flowgrpo' or 'runs/flowgrpo' (a sub-folder of the loras folder): no '..', "
+           f"no leading '/', no drive letter, none of <>:\"|?*")
+    if not text:
+        raise node_error(node, f"{what} is empty", fix)
+    parts = text.split("/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or any(p in ("", ".", "..") for p in parts) \
+            or _BAD_CHARS.search(text):
+        raise node_error(node, f"{what} {prefix!r} is not a file name inside the loras folder", fix)
+    return "/".join(parts)
+
+
+def _checkpoints() -> list[tuple[str, Path]]:
+    """``(name, lora_path)`` of every LoRA in the first loras folder with a training-state sidecar; name relative."""
+    root = loras_root()
+    found = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        for f in files:
+            if f.endswith(LORA_SUFFIX) and not f.endswith(PEFT_SUFFIX):
+                path = Path(folder) / f
+                if state_path_for(path).is_file():
+                    found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+def resume_options() -> list[str]:
+    """``["none", "latest", *names]``: names are LoRA files in the first loras folder that can be resumed."""
+    try:
+        names = [name for name, _ in _checkpoints()]
+    except (OSError, IndexError, KeyError):  # no loras folder configured: nothing to resume
+        names = []
+    return ["none", "latest", *names]
+
+
+def find_latest_checkpoint(run_name: str) -> Optional[Path]:
+    """The most recently written resumable checkpoint whose name is ``run_name`` or starts with ``run_name_``."""
+    candidates = [(state_path_for(p).stat().st_mtime_ns, name, p) for name, p in _checkpoints()
+                  if name[: -len(LORA_SUFFIX)] == run_name or name.startswith(run_name + "_")]
+    return max(candidates)[2] if candidates else None
+
+
+# ----------------------------------------------------------------------------------------------- LoRA values
+def lora_state_dict(state: TrainerState) -> dict[str, torch.Tensor]:
+    """Detached CPU fp32 copies of the LoRA, ComfyUI-native keys (what the LoRA file holds; a stock LORA_MODEL)."""
+    with torch.no_grad():
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.lora_params.items()}
+
+
+def peft_key_map(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, list[tuple[str, Optional[tuple[int, int]]]]]:
+    """Native path -> ``[(diffusers path, rows), ...]`` from the ``prefix`` keys ComfyUI's loader accepts for ``model``.
+
+    Entries that need a weight transform (e.g. SD3/FLUX ``norm_out`` scale/shift swap) are left out: a LoRA on those
+    has no exact PEFT form.
+    """
+    import comfy.lora
+
+    base = getattr(model, "model", model)
+    key_map: dict[str, list] = {}
+    for key, target in comfy.lora.model_lora_keys_unet(base, {}).items():
+        if not key.startswith(prefix):
+            continue
+        if isinstance(target, str):
+            native, rows = target, None
+        elif len(target) == 2 and target[1] is not None and target[1][0] == 0:  # (weight key, (dim 0, start, length))
+            native, rows = target[0], (int(target[1][1]), int(target[1][2]))
+        else:
+            continue
+        if native.endswith(".weight"):
+            key_map.setdefault(native[: -len(".weight")], []).append((key[len(prefix):], rows))
+    return key_map
+
+
+def peft_state_dict(state: TrainerState, node: str = SAVE_NODE) -> dict[str, torch.Tensor]:
+    """The LoRA in PEFT / diffusers keys (``transformer.`` prefix), or node_error when no exact export exists."""
+    try:
+        return peft_from_comfy(lora_state_dict(state), peft_key_map(state.base_model), prefix=PEFT_PREFIX,
+                               fold_scale=True)
+    except ValueError as exc:
+        raise node_error(node, f"this {state.settings.family} LoRA has no exact PEFT/diffusers form ({exc})",
+                         "save with export 'comfyui' (ComfyUI-native keys)") from exc
+
+
+# ----------------------------------------------------------------------------------------------- init / resume
+def _check_inputs(rank: int, alpha: float, targets: str, learning_rate: float, node: str) -> None:
+    if int(rank) < 1:
+        raise node_error(node, f"rank {rank} is not a LoRA rank", "set rank to 1 or more (4 to 64 is typical)")
+    if not float(alpha) > 0:
+        raise node_error(node, f"alpha {alpha} must be positive", "set alpha > 0 (the LoRA scale is alpha / rank)")
+    if targets not in LORA_TARGETS:
+        raise node_error(node, f"unknown targets {targets!r}", f"choose one of {list(LORA_TARGETS)}")
+    if not (float(learning_rate) > 0 and float(learning_rate) < float("inf")):
+        raise node_error(node, f"learning_rate {learning_rate} must be positive", "set e.g. 1e-4")
+
+
+def _resume_file(resume: str, run_name: str, node: str) -> Optional[Path]:
+    """The LoRA file to resume from, None to start fresh."""
+    if resume in ("", "none"):
+        return None
+    if resume == "latest":
+        path = find_latest_checkpoint(run_name)
+        if path is None:
+            log.info("%s: no checkpoint named %s_* in %s; starting a new run", node, run_name, loras_root())
+        return path
+    for name, path in _checkpoints():
+        if name == resume:
+            return path
+    raise node_error(node, f"resume {resume!r} is not a FlowGRPO checkpoint in {loras_root()} (a LoRA file with a "
+                           f"{STATE_SUFFIX} training state next to it)",
+                     "pick one from the resume list (refresh the page after saving), 'latest' or 'none'")
+
+
+def _read_checkpoint(lora_file: Path, wanted: dict, node: str) -> TrainingStateFile:
+    try:
+        saved = load_training_state(state_path_for(lora_file))
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise node_error(node, f"cannot resume from {lora_file.name}: {exc}",
+                         "pick another checkpoint from the resume list, or 'none' to start a new run") from exc
+    differ = [k for k in _RESUME_KEYS if saved.settings.get(k) != wanted[k]]
+    if differ:
+        have = ", ".join(f"{k}={saved.settings.get(k)!r}" for k in differ)
+        asked = ", ".join(f"{k}={wanted[k]!r}" for k in differ)
+        fix = [f"set {k} to {saved.settings.get(k)!r}" for k in differ if k != "family"]
+        if "family" in differ:
+            fix.insert(0, f"connect the {saved.settings.get('family')} model it was trained on")
+        raise node_error(node, f"checkpoint {lora_file.name} was trained with {have}, but this node has {asked}",
+                         " and ".join(fix) + " to resume it, or set resume to 'none' to start a new run")
+    return saved
+
+
+def _restore(state: TrainerState, lora_file: Path, saved: TrainingStateFile, node: str) -> TrainerState:
+    """``state`` continued from the checkpoint: LoRA values copied in place, optimizer, iteration and history."""
+    import comfy.utils
+
+    fix = "resume from a checkpoint of the same model and settings, or set resume to 'none'"
+    trainable = [k for k in state.lora_params if k.endswith(_TRAINABLE)]
+    if saved.extra.get("trainable_keys") != trainable:
+        raise node_error(node, f"checkpoint {lora_file.name} was trained on a model with other layers", fix)
+    values = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
+    if set(values) != set(state.lora_params):
+        raise node_error(node, f"{lora_file.name} does not hold this LoRA's tensors "
+                               f"({len(set(values) ^ set(state.lora_params))} keys differ)", fix)
+    bad = [k for k, p in state.lora_params.items() if tuple(values[k].shape) != tuple(p.shape)]
+    if bad:
+        raise node_error(node, f"{lora_file.name} has other shapes for {len(bad)} tensors, e.g. {bad[0]}", fix)
+    with torch.inference_mode(False), torch.no_grad():
+        for k, p in state.lora_params.items():
+            p.copy_(values[k].to(device=p.device, dtype=p.dtype))
+        try:
+            state.optimizer.load_state_dict(saved.optimizer_state)
+        except (ValueError, KeyError) as exc:
+            raise node_error(node, f"the optimizer state in {state_path_for(lora_file).name} does not fit ({exc})",
+                             fix) from exc
+    for group in state.optimizer.param_groups:  # this node's learning rate wins over the saved one
+        group["lr"] = state.settings.learning_rate
+    log.info("%s: resumed %s at iteration %d", node, lora_file.name, saved.iteration)
+    return dataclasses.replace(state, iteration=int(saved.iteration), history=tuple(dict(h) for h in saved.history),
+                               checkpoint=str(lora_file), extra=dict(saved.extra.get("trainer_extra", {})))
+
+
+def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, learning_rate: float, seed: int,
+                       run_name: str, resume: str = "none", node: str = INIT_NODE) -> TrainerState:
+    """A new :class:`TrainerState`: a trainable LoRA on a clone of ``model`` and its AdamW optimizer.
+
+    ``resume``: "none"; "latest" (the newest checkpoint named ``<run_name>_*``; none found: start fresh); or a name
+    from :func:`resume_options`. Resuming copies the saved LoRA into the live adapters and restores the optimizer,
+    iteration and history; a checkpoint made with another family/rank/alpha/targets is a node_error. The learning rate
+    is always this call's.
+    """
+    try:
+        require_flow_model(model)
+        family = model_family(model.model)
+    except ValueError as exc:
+        raise node_error(node, str(exc), "connect a flow-matching MODEL (SD3, FLUX or Qwen-Image) from a stock "
+                                         "loader such as UNETLoader") from exc
+    _check_inputs(rank, alpha, targets, learning_rate, node)
+    run_name = _safe_prefix(run_name, node, "run_name")
+    settings = LoraSettings(rank=int(rank), alpha=float(alpha), targets=targets, seed=int(seed),
+                            learning_rate=float(learning_rate), family=family)
+    lora_file = _resume_file(resume, run_name, node)
+    saved = _read_checkpoint(lora_file, dataclasses.asdict(settings), node) if lora_file is not None else None
+
+    with torch.inference_mode(False):
+        patcher, params = attach_trainable_lora(model, settings.rank, settings.alpha, targets, settings.seed)
+        trainable = [p for k, p in params.items() if k.endswith(_TRAINABLE)]
+        optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4,
+                                      eps=1e-8)
+    state = TrainerState(base_model=model, patcher=patcher, lora_params=params, optimizer=optimizer,
+                         settings=settings, run_name=run_name)
+    return _restore(state, lora_file, saved, node) if saved is not None else state
+
+
+# ----------------------------------------------------------------------------------------------- save
+def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = None, export: str = "comfyui",
+                    node: str = SAVE_NODE) -> tuple[str, str]:
+    """Write ``<loras>/<prefix>_<iteration:05d>.safetensors`` and its training state; returns both paths.
+
+    ``filename_prefix``: None or "" = ``state.run_name``; may name a sub-folder. ``export`` "peft" also writes
+    ``<stem>.peft.safetensors``. Every payload is built before the first write and every write is atomic; an older
+    training state of the same name is removed first, so a sidecar always belongs to the LoRA next to it.
+    """
+    if export not in EXPORTS:
+        raise node_error(node, f"unknown export {export!r}", f"choose one of {list(EXPORTS)}")
+    prefix = _safe_prefix(filename_prefix or state.run_name, node, "filename_prefix")
+    root = loras_root()
+    lora_path = root.joinpath(*prefix.split("/")[:-1]) / f"{prefix.split('/')[-1]}_{state.iteration:05d}{LORA_SUFFIX}"
+    state_path = state_path_for(lora_path)
+
+    lora = lora_state_dict(state)
+    peft = peft_state_dict(state, node) if export == "peft" else None
+    trainable = [k for k in state.lora_params if k.endswith(_TRAINABLE)]
+    s = state.settings
+    try:
+        tensors, metadata = training_state_payload(
+            state.optimizer, iteration=state.iteration, history=[dict(h) for h in state.history],
+            settings=dataclasses.asdict(s),
+            extra={"run_name": state.run_name, "lora_file": lora_path.name, "trainable_keys": trainable,
+                   "trainer_extra": dict(state.extra)})
+    except TypeError as exc:
+        raise node_error(node, f"the trainer holds a value that cannot be saved ({exc})",
+                         "keep only tensors, numbers, strings and lists/dicts of them in the trainer's history "
+                         "and extra") from exc
+    lora_meta = {"format": "pt", "flowgrpo.family": s.family, "flowgrpo.rank": str(s.rank),
+                 "flowgrpo.alpha": repr(s.alpha), "flowgrpo.targets": s.targets,
+                 "flowgrpo.iteration": str(state.iteration), "flowgrpo.run_name": state.run_name}
+
+    lora_path.parent.mkdir(parents=True, exist_ok=True)
+    state_path.unlink(missing_ok=True)
+    atomic_save_safetensors(lora, lora_path, lora_meta)
+    event = {"node": node, "iteration": state.iteration, "lora_path": str(lora_path), "state_path": str(state_path)}
+    if peft is not None:
+        peft_path = atomic_save_safetensors(peft, _peft_path_for(lora_path), {**lora_meta, "flowgrpo.keys": "peft"})
+        event["peft_path"] = str(peft_path)
+    atomic_save_safetensors(tensors, state_path, metadata)
+    emit(CHECKPOINT_EVENT, event)
+    log.info("%s: saved %s (iteration %d)", node, lora_path, state.iteration)
+    return str(lora_path), str(state_path)
+
+
+# ----------------------------------------------------------------------------------------------- apply
+def _check_fits(model: Any, lora_sd: dict, node: str) -> None:
+    """node_error unless every LoRA module of ``lora_sd`` is a weight of ``model`` with matching shape."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    weights = model.model.state_dict()
+    misfits = []
+    for key, up in lora_sd.items():
+        if not key.endswith(".lora_up.weight"):
+            continue
+        path = key[: -len(".lora_up.weight")]
+        target = key_map.get(path)
+        down = lora_sd.get(f"{path}.lora_down.weight")
+        if not isinstance(target, str) or down is None or \
+                tuple(weights[target].shape) != (up.shape[0], down.shape[1]):
+            misfits.append(path)
+    if misfits:
+        raise node_error(node, f"{len(misfits)} LoRA layers do not exist in this MODEL with the trained shape "
+                               f"(e.g. {misfits[0]})",
+                         "connect a model of the same kind and size as the one the trainer was made from")
+
+
+def apply_lora(model: Any, lora_sd: dict, strength: float, node: str = APPLY_NODE) -> Any:
+    """A new MODEL: ``model`` plus ``lora_sd`` (ComfyUI-native keys) at ``strength``, through ComfyUI's stock LoRA path
+    (``comfy.sd.load_lora_for_models``, as ``LoraLoaderModelOnly`` / ``LoraModelLoader``). ``model`` is unchanged."""
+    import comfy.sd
+
+    _check_fits(model, lora_sd, node)
+    if strength == 0:
+        return model.clone()
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, float(strength), 0)
+    return patched
