@@ -5,21 +5,26 @@ missing the tests fail (they never skip) and say how to get it.
 
 Both runtimes share one throw-away ComfyUI home (``--base-directory``): ``custom_nodes/`` holds only a link to this
 checkout, so the pack under test is loaded exactly once and no other pack is; ``models/`` holds the tiny test models.
+
+The server code, the client and the model-file writers live in the repository's ``flowgrpo`` tooling package
+(``flowgrpo.server``, ``flowgrpo.client``, ``flowgrpo.demo_models``), shared with ``python -m flowgrpo``.
+Fixtures: comfyui_root, comfy_home, comfy_runtime, comfy_nodes, flowgrpo_pack, run_node (and ``call_node``),
+tiny_sd3_file, tiny_clip_file, demo_model_files, comfy_server, comfy_server_factory (servers with extra flags),
+comfy_client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # the `flowgrpo` tooling package; appended so ComfyUI's `nodes` is never shadowed
+    sys.path.append(str(REPO_ROOT))
 
 try:
     import torch
@@ -31,32 +36,21 @@ except ImportError as exc:  # not the pack's environment
 from client import ComfyClient  # tests/comfy/client.py (imported before ComfyUI puts comfy/ first on sys.path)
 import runtime
 import tiny_models
+from flowgrpo import server as comfy_server_mod
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_LINK_NAME = "flowgrpo"
-SERVER_START_TIMEOUT_S = 120.0
+SERVER_START_TIMEOUT_S = comfy_server_mod.START_TIMEOUT_S
 MODEL_FOLDERS = runtime.MODEL_FOLDERS
 TINY_SD3_NAME = "flowgrpo_tiny_sd3.safetensors"
 TINY_CLIP_NAME = "flowgrpo_tiny_clip_l.safetensors"
 
-_MISSING = ("ComfyUI runtime not found ({why}). Run `bash scripts/test.sh` (it bootstraps ComfyUI 0.3.75 into "
-            ".runtime/ via scripts/bootstrap.sh), or set COMFYUI_PATH to a ComfyUI checkout.")
-
 
 def locate_comfyui() -> Path:
     """The ComfyUI root (COMFYUI_PATH, else .runtime/comfyui_path); fails the test with instructions if absent."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        source, candidate = "COMFYUI_PATH", env
-    else:
-        record = REPO_ROOT / ".runtime" / "comfyui_path"
-        if not record.is_file():
-            pytest.fail(_MISSING.format(why=f"no COMFYUI_PATH and no {record}"), pytrace=False)
-        source, candidate = str(record), record.read_text().strip()
-    root = Path(candidate).expanduser().resolve()
-    if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
-        pytest.fail(_MISSING.format(why=f"{source} points at {root}, which has no main.py and comfy/"), pytrace=False)
-    return root
+    try:
+        return comfy_server_mod.locate_comfyui(REPO_ROOT)
+    except comfy_server_mod.ComfyUINotFound as e:
+        pytest.fail(f"{e} (`bash scripts/test.sh` bootstraps it)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -137,59 +131,56 @@ def tiny_clip_file(comfy_runtime) -> str:
     path.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session")
+def demo_model_files(comfy_runtime) -> dict:
+    """The demo's three model files (``flowgrpo.demo_models.build_demo_models``: tiny SD3, random CLIP-L, 16-channel
+    TAESD) in ``comfy_home/models``: ``{"diffusion_model": name, "text_encoder": name, "vae": name}``; the CLIP-L
+    copy (247 MB) is deleted at the end."""
+    from flowgrpo.demo_models import DEMO_FILES, build_demo_models
+
+    models = comfy_runtime.home / "models"
+    names = build_demo_models(models)
+    yield names
+    folder, name = DEMO_FILES["text_encoder"]
+    (models / folder / name).unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------ server
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, chars: int = 6000) -> str:
+def start_comfy_server(comfyui_root: Path, home: Path, extra_args=(), log_name: str = "server.log"):
+    """A ComfyUI server subprocess (CPU, 127.0.0.1, free port) on ``home`` (``flowgrpo.server.start_server``);
+    fails the test with the log tail when it does not come up. Stop it with ``.stop()`` or ``with``."""
     try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "<no log>"
+        return comfy_server_mod.start_server(home, comfyui_root=comfyui_root, extra_args=extra_args, cpu=True,
+                                             log_path=home / log_name, timeout=SERVER_START_TIMEOUT_S)
+    except comfy_server_mod.ServerStartError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def comfy_server(comfyui_root, comfy_home, tiny_sd3_file, tiny_clip_file):
-    """A ComfyUI server subprocess (CPU, 127.0.0.1, free port) on ``comfy_home``; killed at the end of the session."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = comfy_home / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
-           "--base-directory", str(comfy_home), "--output-directory", str(comfy_home / "output"),
-           "--input-directory", str(comfy_home / "input"), "--user-directory", str(comfy_home / "user"),
-           "--temp-directory", str(comfy_home / "temp"), "--database-url", "sqlite:///:memory:"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=str(comfyui_root), stdout=log, stderr=subprocess.STDOUT, env=env)
-    started = time.monotonic()
+    """A ComfyUI server subprocess (CPU, 127.0.0.1, free port) on ``comfy_home``; stopped at the end of the session.
+    Attributes: url, home, output_dir, log_path, process, startup_s."""
+    with start_comfy_server(comfyui_root, comfy_home) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def comfy_server_factory(comfyui_root, comfy_home, tiny_sd3_file, tiny_clip_file):
+    """``start(extra_args=(), name="variant")``: another server on ``comfy_home`` with extra ComfyUI flags (e.g.
+    ``["--cache-none"]``), logging to ``server-<name>.log``; every server it started is stopped at the end of the
+    session (or earlier with ``.stop()``)."""
+    started = []
+
+    def start(extra_args=(), name: str = "variant"):
+        server = start_comfy_server(comfyui_root, comfy_home, extra_args, f"server-{name}.log")
+        started.append(server)
+        return server
+
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI server exited with code {proc.returncode} during startup:\n{_log_tail(log_path)}",
-                            pytrace=False)
-            if time.monotonic() - started > SERVER_START_TIMEOUT_S:
-                pytest.fail(f"ComfyUI server not ready after {SERVER_START_TIMEOUT_S:.0f} s:\n{_log_tail(log_path)}",
-                            pytrace=False)
-            try:
-                with urllib.request.urlopen(url + "/system_stats", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.25)
-        yield SimpleNamespace(url=url, home=comfy_home, output_dir=comfy_home / "output", log_path=log_path,
-                              process=proc, startup_s=time.monotonic() - started)
+        yield start
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-        log.close()
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture()

@@ -9,18 +9,11 @@ import asyncio
 import sys
 from pathlib import Path
 
-MODEL_FOLDERS = {"diffusion_models": "diffusion_models", "text_encoders": "text_encoders", "loras": "loras",
-                 "vae": "vae"}
+_REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if _REPO_ROOT not in sys.path:  # the `flowgrpo` tooling package; appended so ComfyUI's `nodes` is never shadowed
+    sys.path.append(_REPO_ROOT)
 
-
-def make_home(home: Path, pack_root: Path, link_name: str = "flowgrpo") -> Path:
-    """A ComfyUI base directory: custom_nodes/<link_name> -> ``pack_root``, empty model and I/O folders."""
-    for sub in ("output", "input", "user", "temp", "custom_nodes", *(f"models/{d}" for d in MODEL_FOLDERS.values())):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    link = home / "custom_nodes" / link_name
-    if not link.exists():
-        link.symlink_to(pack_root, target_is_directory=True)
-    return home
+from flowgrpo.server import MODEL_FOLDERS, make_home  # noqa: E402,F401  (make_home: re-exported)
 
 
 def setup_inprocess(comfyui_root: Path, comfy_home: Path):
