@@ -15,6 +15,7 @@ ComfyUI's ops skip weight initialisation, so every builder fills every parameter
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -38,7 +39,10 @@ DEMO_FILES = {
     "vae": ("vae", "flowgrpo_demo_taesd16.safetensors"),
 }
 #: bump when a builder changes what it writes: files with another version are rewritten
-CONTENT_VERSION = "1"
+CONTENT_VERSION = "2"
+#: init scale of the demo's SD3: at the test models' 0.02 the random network's velocity barely depends on its weights,
+#: so a LoRA hardly moves any reward; at 0.12 the demo's reward rises within a few iterations
+DEMO_SD3_STD = 0.12
 _VERSION_KEY = "flowgrpo_demo_version"
 
 
@@ -71,7 +75,7 @@ def sd3_unet_config(depth: int = 2, context_dim: int = SD3_CONTEXT_DIM, pooled_d
     }
 
 
-def build_model_patcher(model_config_cls: Any, unet_config: dict, seed: int = 0, dtype=None):
+def build_model_patcher(model_config_cls: Any, unet_config: dict, seed: int = 0, dtype=None, std: float = INIT_STD):
     """``model_config_cls(unet_config).get_model({})`` with all weights initialised, in a ``ModelPatcher``."""
     import comfy.model_management
     import comfy.model_patcher
@@ -80,23 +84,23 @@ def build_model_patcher(model_config_cls: Any, unet_config: dict, seed: int = 0,
     config = model_config_cls(dict(unet_config))
     config.set_inference_dtype(dtype or torch.float32, None)
     model = config.get_model({})
-    init_weights_(model.diffusion_model, seed)
+    init_weights_(model.diffusion_model, seed, std)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def build_sd3(seed: int = 0, **config):
+def build_sd3(seed: int = 0, std: float = INIT_STD, **config):
     """The tiny SD3 as an in-memory ``ModelPatcher`` (same architecture as :func:`write_sd3_file`)."""
     import comfy.supported_models
 
-    return build_model_patcher(comfy.supported_models.SD3, sd3_unet_config(**config), seed)
+    return build_model_patcher(comfy.supported_models.SD3, sd3_unet_config(**config), seed, std=std)
 
 
-def sd3_state_dict(seed: int = 0, dtype=None, **config) -> dict:
+def sd3_state_dict(seed: int = 0, dtype=None, std: float = INIT_STD, **config) -> dict:
     """State dict of the tiny SD3 diffusion model, with the key names ``comfy.model_detection`` expects (no prefix)."""
     import torch
 
-    patcher = build_sd3(seed, **config)
+    patcher = build_sd3(seed, std=std, **config)
     dtype = dtype or torch.float32
     return {k: v.detach().to(dtype).contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
 
@@ -114,9 +118,10 @@ def save_file(state_dict: dict, path: os.PathLike, metadata: Optional[dict] = No
     return path
 
 
-def write_sd3_file(path: os.PathLike, seed: int = 0, dtype=None, metadata: Optional[dict] = None) -> Path:
+def write_sd3_file(path: os.PathLike, seed: int = 0, dtype=None, metadata: Optional[dict] = None,
+                   std: float = INIT_STD) -> Path:
     """Write the tiny SD3 as a safetensors file that stock ``UNETLoader`` loads (put it in models/diffusion_models)."""
-    return save_file(sd3_state_dict(seed, dtype), path, metadata)
+    return save_file(sd3_state_dict(seed, dtype, std=std), path, metadata)
 
 
 def clip_l_state_dict(seed: int = 0, dtype=None) -> dict:
@@ -215,7 +220,8 @@ def ensure_comfy_importable() -> None:
         comfy.cli_args.args.cpu = True
 
 
-_WRITERS: dict[str, Callable[..., Path]] = {"diffusion_model": write_sd3_file, "text_encoder": write_clip_l_file,
+_WRITERS: dict[str, Callable[..., Path]] = {"diffusion_model": functools.partial(write_sd3_file, std=DEMO_SD3_STD),
+                                            "text_encoder": write_clip_l_file,
                                             "vae": write_taesd_file}
 
 

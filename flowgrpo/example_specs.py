@@ -15,7 +15,8 @@ from typing import Callable
 from .demo_models import DEMO_FILES
 from .graph import Graph
 
-__all__ = ["Example", "EXAMPLES", "example", "render", "paths", "DEMO_MODEL", "DEMO_TEXT_ENCODER", "DEMO_VAE"]
+__all__ = ["Example", "EXAMPLES", "example", "render", "paths", "DEMO_MODEL", "DEMO_TEXT_ENCODER", "DEMO_VAE",
+           "EXTERNAL_MODELS", "write_placeholders"]
 
 DEMO_MODEL = DEMO_FILES["diffusion_model"][1]
 DEMO_TEXT_ENCODER = DEMO_FILES["text_encoder"][1]
@@ -64,6 +65,139 @@ def sd3_tiny_text_to_image() -> Graph:
     image = g.add("VAEDecode", samples=sampled, vae=vae)
     g.add("SaveImage", images=image, filename_prefix="flowgrpo/sd3_tiny")
     return g
+
+
+#: the tiny demo's training settings (tuned so the reward rises within 20 iterations on 2 CPU cores)
+TINY_DEMO_TRAIN = dict(
+    prompts="a red square\na blue circle\na green triangle\na yellow star\na white cloud\na black cat",
+    negative_prompt="", prompts_per_iteration=2, group_size=4, width=128, height=128, steps=8, scheduler="simple",
+    sde_kind="flow_sde", noise_level=0.7, cfg=4.5, step_mode="fraction", train_fraction=0.99, reward="redness",
+    clip_range=0.2, kl_beta=0.0, rank=8, alpha=8.0, targets="attention_mlp", learning_rate=1e-2, iterations=20,
+    save_every=10, run_name="flowgrpo_tiny_demo", resume="none", seed=0)
+
+
+@example("flowgrpo_tiny_demo", """## FlowGRPO tiny demo: GRPO on CPU in minutes
+
+The README's main job. **FlowGRPO GRPO Train** fine-tunes a LoRA on the pack's tiny SD3-architecture model (random
+weights, through the stock UNETLoader), with a random CLIP-L (stock CLIPLoader) and a random 16-channel TAESD VAE
+(stock VAELoader). Each iteration draws 2 prompts x 4 images, samples them with the Flow-GRPO SDE (8 steps, noise
+0.7, CFG 4.5), decodes them, scores their **redness** and takes one GRPO step. The mean reward rises within 20
+iterations; the LoRA lands in `models/loras/flowgrpo_tiny_demo_00020.safetensors` and the reward curve in
+`output/flowgrpo/`.
+
+Headless: `bash scripts/demo.sh` (or `python -m flowgrpo demo`), which builds the tiny models first.""")
+def flowgrpo_tiny_demo() -> Graph:
+    g = Graph()
+    model = g.add("UNETLoader", unet_name=DEMO_MODEL, weight_dtype="default")
+    clip = g.add("CLIPLoader", clip_name=DEMO_TEXT_ENCODER, type="sd3", device="default")
+    vae = g.add("VAELoader", vae_name=DEMO_VAE)
+    train = g.add("FlowGRPOTrain", "GRPO Train", model=model, clip=clip, vae=vae, **TINY_DEMO_TRAIN)
+    g.add("PreviewImage", "Reward curve", images=train.out(3))
+    g.add("PreviewImage", "Last iteration's groups", images=train.out(4))
+    return g
+
+
+@example("flowgrpo_sd35_grpo_loop", """## SD3.5 Flow-GRPO with composable nodes and a loop
+
+The Flow-GRPO reference settings for SD3.5 Medium, built from the composable nodes so any reward chain can sit in
+the loop body: **LoRA Init** -> **Loop Start** -> **Prompt Source** (its iteration from the loop) -> **SDE Sampler
+(rollout)** (Flow-SDE, noise 0.7, 10 steps, CFG 4.5, shift 3, all steps but the last trained) -> VAEDecode ->
+**Simple Reward** (JPEG compressibility; swap in any reward) -> **GRPO Update** (clip 1e-4, KL 0.04) -> **Loop End**
+-> **Save LoRA**. Replace the checkpoint and text-encoder names with your files. The paper uses 24 images per
+prompt and many prompts per step; lower `group_size` and `prompts_per_iteration` to fit your GPU.""")
+def flowgrpo_sd35_grpo_loop() -> Graph:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="sd3.5_medium.safetensors")
+    clip = g.add("TripleCLIPLoader", clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors",
+                 clip_name3="t5xxl_fp16.safetensors")
+    init = g.add("FlowGRPOLoRAInit", "LoRA Init", model=ckpt, rank=32, alpha=64.0, targets="attention",
+                 learning_rate=3e-4, seed=42, run_name="sd35_flowgrpo", resume="latest")
+    start = g.add("FlowGRPOLoopStart", "Loop Start", value=init.out(0), iterations=1000)
+    prompts = g.add("FlowGRPOPromptSource", "Prompts", clip=clip.out(0), prompt_file="flowgrpo_prompts.txt",
+                    prompts_per_iteration=4, group_size=8, iteration=start.out(2), seed=42)
+    rollout = g.add("FlowGRPOSDERollout", "SDE Sampler (rollout)", model=init.out(1), positive=prompts.out(0),
+                    negative=prompts.out(1), groups=prompts.out(2), width=512, height=512, steps=10, shift=3.0,
+                    sde_kind="flow_sde", noise_level=0.7, cfg=4.5, step_mode="fraction", train_fraction=0.99,
+                    micro_batch_size=8, seed=42, iteration=start.out(2))
+    images = g.add("VAEDecode", samples=rollout.out(0), vae=ckpt.out(2))
+    reward = g.add("FlowGRPOSimpleReward", "Reward", images=images, reward="jpeg_compressibility")
+    update = g.add("FlowGRPOUpdate", "GRPO Update", trainer=start.out(1), rollout=rollout.out(1), rewards=reward,
+                   clip_range=1e-4, kl_beta=0.04, std_mode="global", gradient_checkpointing=True)
+    end = g.add("FlowGRPOLoopEnd", "Loop End", loop=start.out(0), value=update.out(0))
+    g.add("FlowGRPOSaveLoRA", "Save LoRA", trainer=end.out(0), filename_prefix="sd35_flowgrpo", export="comfyui")
+    return g
+
+
+@example("flowgrpo_flux_dev_grpo", """## FLUX.1-dev GRPO (all-in-one)
+
+**GRPO Train** on FLUX.1-dev: the guidance embedding at 3.5 (no true CFG: cfg 1), a LoRA on attention and MLP
+layers, CPS sampling (eta 0.8) with a random 2-step window per iteration (Flow-GRPO-Fast) and the CPS clip range
+1e-5. Swap `sde_kind` to flow_sde with noise 0.9 for Flow-GRPO's FLUX setting. Replace the model, text-encoder and
+VAE names with your files.""")
+def flowgrpo_flux_dev_grpo() -> Graph:
+    g = Graph()
+    model = g.add("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = g.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                 type="flux")
+    vae = g.add("VAELoader", vae_name="ae.safetensors")
+    train = g.add("FlowGRPOTrain", "GRPO Train", model=model, clip=clip, vae=vae,
+                  prompts="a photo of a cat\na watercolor of a lighthouse\na city street at night",
+                  prompts_per_iteration=2, group_size=8, flux_guidance=3.5, width=512, height=512, steps=16,
+                  sde_kind="cps", noise_level=0.8, cfg=1.0, step_mode="random_window", window_size=2,
+                  reward="jpeg_compressibility", clip_range=1e-5, kl_beta=0.0, gradient_checkpointing=True,
+                  rank=32, alpha=64.0, targets="attention_mlp", learning_rate=1e-4, iterations=300,
+                  save_every=25, run_name="flux_dev_flowgrpo", resume="latest", seed=1)
+    g.add("PreviewImage", "Reward curve", images=train.out(3))
+    return g
+
+
+@example("flowgrpo_qwen_image_grpo", """## Qwen-Image GRPO (all-in-one)
+
+**GRPO Train** on Qwen-Image with true CFG 4 and Qwen-Image's CFG norm rescale, Flow-SDE noise 1.2 on a fixed
+2-step window (the other steps are deterministic), LoRA on the attention projections. Replace the model,
+text-encoder and VAE names with your files.""")
+def flowgrpo_qwen_image_grpo() -> Graph:
+    g = Graph()
+    model = g.add("UNETLoader", unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default")
+    clip = g.add("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image",
+                 device="default")
+    vae = g.add("VAELoader", vae_name="qwen_image_vae.safetensors")
+    train = g.add("FlowGRPOTrain", "GRPO Train", model=model, clip=clip, vae=vae,
+                  prompts="a poster that says HELLO\na bowl of ramen, studio photo\na robot reading a book",
+                  negative_prompt=" ", prompts_per_iteration=1, group_size=8, width=512, height=512, steps=20,
+                  sde_kind="flow_sde", noise_level=1.2, cfg=4.0, norm_rescale=True, step_mode="fixed_window",
+                  window_size=2, window_start=0, reward="jpeg_compressibility", clip_range=1e-4, kl_beta=0.0,
+                  gradient_checkpointing=True, rank=32, alpha=64.0, targets="attention", learning_rate=1e-4,
+                  iterations=300, save_every=25, run_name="qwen_image_flowgrpo", resume="latest", seed=1)
+    g.add("PreviewImage", "Reward curve", images=train.out(3))
+    return g
+
+
+#: model files the real-model examples name, per ComfyUI model folder (users bring their own; to validate the
+#: examples, :func:`write_placeholders` lists empty stand-ins under a throw-away server home)
+EXTERNAL_MODELS = {
+    "checkpoints": ["sd3.5_medium.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors", "qwen_image_fp8_e4m3fn.safetensors"],
+    "text_encoders": ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+                      "qwen_2.5_vl_7b_fp8_scaled.safetensors"],
+    "vae": ["ae.safetensors", "qwen_image_vae.safetensors"],
+}
+
+
+def write_placeholders(models_dir) -> list:
+    """Create empty files named like :data:`EXTERNAL_MODELS` under ``models_dir`` (a test or build home, never a
+    user's), so ComfyUI lists the names and the examples validate; returns the paths created."""
+    from pathlib import Path
+
+    made = []
+    for folder, names in EXTERNAL_MODELS.items():
+        for name in names:
+            path = Path(models_dir) / folder / name
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+                made.append(path)
+    return made
 
 
 # ------------------------------------------------------------------------------------------------ rendering

@@ -18,9 +18,9 @@ METRICS_EVENT = "flowgrpo.metrics"
 CHECKPOINT_EVENT = "flowgrpo.checkpoint"
 RESULT_EVENT = "flowgrpo.result"
 
-#: metrics shown first, with their number format; other numeric metrics follow with 4 significant digits
-_KNOWN = {"kl": "{:.4f}", "clipfrac": "{:.3f}", "loss": "{:.4f}"}
-_NOT_METRICS = {"node", "prompt_id", "iteration", "iterations", "reward_mean", "reward_std"}
+#: the metrics a line shows, in order, with their number formats (the event carries more: see the node docs)
+_SHOWN = {"approx_kl": "{:.2e}", "clipfrac": "{:.3f}", "loss": "{:+.2e}", "grad_norm": "{:.3g}",
+          "zero_std_ratio": "{:.2f}", "seconds": "{:.1f}"}
 
 
 def _number(value) -> Optional[float]:
@@ -30,20 +30,18 @@ def _number(value) -> Optional[float]:
 
 
 def format_metrics(data: dict) -> str:
-    """``iter   3/20  reward 0.4123 ± 0.0510  kl 0.0001  clipfrac 0.000  ...`` for a ``flowgrpo.metrics`` event."""
+    """``iter   3/20  reward 0.4123 ± 0.0510  approx_kl 1.00e-06  clipfrac 0.000 ...`` for a ``flowgrpo.metrics``
+    event (the reward, then the main diagnostics of :data:`_SHOWN` that the event has)."""
     it, total = data.get("iteration"), data.get("iterations")
     width = len(str(total)) if total is not None else 1
     parts = [f"iter {it!s:>{max(width, 3)}}" + (f"/{total}" if total is not None else "")]
     mean, std = _number(data.get("reward_mean")), _number(data.get("reward_std"))
     if mean is not None:
         parts.append(f"reward {mean:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
-    names = [k for k in _KNOWN if k in data] + sorted(k for k in data if k not in _KNOWN and k not in _NOT_METRICS)
-    for name in names:
-        value = _number(data[name])
-        if value is None:
-            continue
-        text = "nan" if math.isnan(value) else _KNOWN.get(name, "{:.4g}").format(value)
-        parts.append(f"{name} {text}")
+    for name, fmt in _SHOWN.items():
+        value = _number(data.get(name))
+        if value is not None:
+            parts.append(f"{name} {'nan' if math.isnan(value) else fmt.format(value)}")
     return "  ".join(parts)
 
 
@@ -61,6 +59,7 @@ class Reporter:
         self.saved: list[str] = []
         self._last_progress = (None, -1.0)
         self._last_running = None
+        self._training = False
         self._started = clock()
 
     def _print(self, line: str) -> None:
@@ -92,6 +91,8 @@ class Reporter:
 
     def _on_progress(self, data: dict) -> None:
         """One line at the first step, at the last, and at most once a second in between."""
+        if self._training:
+            return
         value, total, node = data.get("value"), data.get("max"), data.get("node")
         last_node, last_time = self._last_progress
         now = self.clock()
@@ -118,6 +119,7 @@ class Reporter:
         self._print(f"finished in {self.clock() - self._started:.1f} s")
 
     def _on_flowgrpo_metrics(self, data: dict) -> None:
+        self._training = True  # from now on the metrics lines say how far it is: no more progress lines
         self._print(format_metrics(data))
 
     def _on_flowgrpo_checkpoint(self, data: dict) -> None:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's main-job command: bootstrap (idempotent), then a headless demo GRPO run on CPU that prints the
-# mean reward of every iteration.
+# The README's main-job command: bootstrap (idempotent), build the tiny demo models, then run the tiny GRPO example
+# workflow (example_workflows/flowgrpo_tiny_demo.json) headlessly through a ComfyUI server on CPU. Prints the reward
+# mean ± std of every iteration, then the LoRA path and the reward-curve PNG. Extra arguments go to
+# `python -m flowgrpo demo` (e.g. --set "GRPO Train.iterations=40").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh" >/dev/null
 cd "$ROOT"
-exec .venv/bin/python -m flowgrpo_core.demo "$@"
+exec .venv/bin/python -m flowgrpo demo "$@"

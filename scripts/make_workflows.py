@@ -3,8 +3,8 @@
 
 For every example: example_workflows/<name>.json (UI workflow, listed by ComfyUI's template browser) and
 example_workflows/api/<name>.json (its API twin). The node schemas come from a ComfyUI server: --server URL, or one
-started here on --home (default .runtime/demo_home, where the demo models are built first, so that the model names
-validate). Every workflow is validated before anything is written.
+started here on --home (default .runtime/demo_home, where the demo models are built first and empty stand-ins for
+the real-model examples' files are listed, so that the model names validate). Every workflow is validated before anything is written.
 
     .venv/bin/python scripts/make_workflows.py [--only NAME ...] [--check] [--server URL]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flowgrpo.client import ComfyClient  # noqa: E402
-from flowgrpo.example_specs import EXAMPLES, paths, render  # noqa: E402
+from flowgrpo.example_specs import EXAMPLES, paths, render, write_placeholders  # noqa: E402
 from flowgrpo.server import make_home, start_server  # noqa: E402
 from flowgrpo.workflow import ui_to_api, validate_api  # noqa: E402
 
@@ -50,6 +50,7 @@ def object_info_source(args):
 
     home = make_home(Path(args.home))
     build_demo_models(home / "models", log=lambda line: print(line, flush=True))
+    write_placeholders(home / "models")  # the real-model examples' file names, as empty stand-ins
     print(f"starting ComfyUI on {home} ...", flush=True)
     with start_server(home) as server, ComfyClient(server.url) as client:
         yield client.object_info()

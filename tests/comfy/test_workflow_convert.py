@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flowgrpo.client import ComfyClient
-from flowgrpo.example_specs import EXAMPLES, paths, render
+from flowgrpo.example_specs import EXAMPLES, paths, render, write_placeholders
 from flowgrpo.workflow import UnknownNodeTypes, WorkflowError, is_ui_format, load_workflow, ui_to_api, validate_api
 
 pytestmark = [pytest.mark.comfy, pytest.mark.server]
@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def client(comfy_server, demo_model_files):
+    write_placeholders(comfy_server.home / "models")  # names of the real-model examples' files (empty stand-ins)
     with ComfyClient(comfy_server.url) as c:
         yield c
 

@@ -334,8 +334,9 @@ def test_api_to_ui_fills_defaults_and_needs_integer_ids():
 # ------------------------------------------------------------------------------------------------ run output
 def test_metrics_line_format():
     line = format_metrics({"node": "12", "iteration": 3, "iterations": 20, "reward_mean": 0.41234,
-                           "reward_std": 0.05101, "kl": 0.00012, "clipfrac": 0.0, "lr": 0.0003, "note": "x"})
-    assert line == "iter   3/20  reward 0.4123 ± 0.0510  kl 0.0001  clipfrac 0.000  lr 0.0003"
+                           "reward_std": 0.05101, "approx_kl": 0.00012, "clipfrac": 0.0, "ratio_max": 1.0,
+                           "grad_norm": 0.0123, "note": "x"})
+    assert line == "iter   3/20  reward 0.4123 ± 0.0510  approx_kl 1.20e-04  clipfrac 0.000  grad_norm 0.0123"
     assert format_metrics({"iteration": 12, "iterations": 150, "reward_mean": 1.0}).startswith("iter  12/150  reward")
 
 

@@ -1,0 +1,116 @@
+"""Training through a real ComfyUI server: the README's main job, and an interrupted run resumed from its checkpoint.
+
+The main job is run exactly as the README gives it (``bash scripts/demo.sh``, here on a throw-away home). The interrupt
+test queues the tiny demo's API twin on the session's server, sends ``POST /interrupt`` once a few GRPO updates are
+done, checks the checkpoint the train node left, loads it with the stock ``LoraLoaderModelOnly`` and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flowgrpo.client import ComfyClient, ComfyError
+from flowgrpo.workflow import apply_overrides, load_workflow
+
+pytestmark = [pytest.mark.comfy, pytest.mark.server]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_API = REPO_ROOT / "example_workflows" / "api" / "flowgrpo_tiny_demo.json"
+ITER_LINE = re.compile(r"^iter +(\d+)/(\d+) +reward (-?[0-9.]+) ± ([0-9.]+)", re.M)
+
+
+def moving_average(values, window=5):
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def test_readme_main_job_trains_and_the_reward_rises(tmp_path):
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--home", str(tmp_path / "home")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}\n{proc.stderr[-4000:]}"
+    rows = [(int(i), int(n), float(m), float(s)) for i, n, m, s in ITER_LINE.findall(out)]
+    assert [r[0] for r in rows] == list(range(1, 21)) and all(r[1] == 20 for r in rows), out[-3000:]
+    means = [r[2] for r in rows]
+    avg = moving_average(means)
+    assert avg[-1] > avg[4] + 0.02, f"the 5-iteration moving average must rise: {avg}"
+    assert max(means[-5:]) > max(means[:5]), means
+    lora = re.search(r"^LoRA: (.+\.safetensors)$", out, re.M)
+    curve = re.search(r"^Reward curve: (.+\.png)$", out, re.M)
+    assert lora and curve, out[-2000:]
+    assert Path(lora.group(1)).name == "flowgrpo_tiny_demo_00020.safetensors" and Path(lora.group(1)).is_file()
+    assert Path(curve.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def checkpoints(loras: Path, run_name: str) -> dict[int, Path]:
+    """``{iteration: LoRA file}`` of a run's checkpoints (``<run>_<iteration:05d>.safetensors``)."""
+    found = {}
+    for path in loras.glob(f"{run_name}_*.safetensors"):
+        match = re.fullmatch(re.escape(run_name) + r"_(\d{5})\.safetensors", path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def _train_prompt(demo_model_files, run_name, iterations, resume):
+    api = load_workflow(DEMO_API)
+    return apply_overrides(api, [f"GRPO Train.iterations={iterations}", "GRPO Train.save_every=0",
+                                 f"GRPO Train.run_name={json.dumps(run_name)}", f"GRPO Train.resume={resume}",
+                                 "GRPO Train.prompts_per_iteration=1", "GRPO Train.group_size=2",
+                                 "GRPO Train.width=64", "GRPO Train.height=64", "GRPO Train.steps=4"])
+
+
+def test_interrupt_leaves_a_checkpoint_and_resume_continues(comfy_server, demo_model_files, run_node,
+                                                            comfy_runtime, caplog):
+    run_name = f"interrupted_{uuid.uuid4().hex[:8]}"
+    seen = []
+
+    def interrupt_after_two(kind, data):
+        if kind == "flowgrpo.metrics" and data.get("run") == run_name:
+            seen.append(int(data["iteration"]))
+            if len(seen) == 2:
+                client.interrupt()
+
+    with ComfyClient(comfy_server.url) as client:
+        prompt_id = client.queue_prompt(_train_prompt(demo_model_files, run_name, 200, "none"))
+        with pytest.raises(ComfyError) as err:
+            client.wait(prompt_id, timeout=600, on_event=interrupt_after_two)
+    assert err.value.kind == "interrupted", err.value
+    assert len(seen) >= 2 and seen == list(range(1, len(seen) + 1))
+
+    loras = Path(comfy_runtime.folder_paths.get_folder_paths("loras")[0])
+    saved = checkpoints(loras, run_name)
+    assert list(saved) == [seen[-1]], (saved, seen)
+    lora_file = saved[seen[-1]]
+    assert lora_file.with_suffix(".flowgrpo-state").is_file()
+
+    # the checkpoint loads through the stock loader, every key applied
+    model = run_node("UNETLoader", unet_name=demo_model_files["diffusion_model"], weight_dtype="default")[0]
+    with caplog.at_level(logging.WARNING):
+        patched = run_node("LoraLoaderModelOnly", model=model, lora_name=lora_file.name, strength_model=1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(patched.patches) > 0
+
+    # resume: the run continues at the next iteration and ends at its total
+    resumed = []
+    result = {}
+
+    def record(kind, data):
+        if kind == "flowgrpo.metrics" and data.get("run") == run_name:
+            resumed.append(int(data["iteration"]))
+        if kind == "flowgrpo.result" and data.get("run") == run_name:
+            result.update(data)
+
+    total = seen[-1] + 2
+    with ComfyClient(comfy_server.url) as client:
+        client.run(_train_prompt(demo_model_files, run_name, total, "latest"), timeout=600, on_event=record)
+    assert resumed == [seen[-1] + 1, total]
+    assert Path(result["lora_path"]).name == f"{run_name}_{total:05d}.safetensors"
+    assert list(checkpoints(loras, run_name)) == [seen[-1], total]
