@@ -9,37 +9,17 @@ Run: ``.venv/bin/python benchmarks/bench_comfy_sampler.py [--depth 4] [--size 32
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "comfy"))
-
-import runtime  # noqa: E402  (tests/comfy/runtime.py)
+from comfy_bench import comfy_in_process, parse_sizes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--depth", type=int, default=4, help="MMDiT depth (hidden = 64 * depth)")
-    parser.add_argument("--size", type=int, default=32, help="latent height and width")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-
-    home = runtime.make_home(Path(tempfile.mkdtemp(prefix="flowgrpo_bench_")), ROOT)
-    runtime.setup_inprocess(Path((ROOT / ".runtime" / "comfyui_path").read_text().strip()), home)
-    node = runtime.init_nodes()
+    args = parse_sizes(batch=4)
+    node, run = comfy_in_process()
     import torch
     import tiny_models
-    from conftest import call_node
-
-    def run(name, **kw):
-        return call_node(node[name], **kw)
 
     model = tiny_models.build_sd3(depth=args.depth)
     cond = tiny_models.conditioning("sd3")

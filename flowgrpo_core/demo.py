@@ -5,7 +5,8 @@ The base model is pre-trained by flow matching on a bimodal distribution: for pr
 +2 for the positive mode and -2 for the negative one, so the base policy's mean reward is near 0 and GRPO
 should move it towards +2. Runs on CPU in seconds; deterministic under ``seed``.
 
-Run ``python -m flowgrpo_core.demo`` (the README's main job until the ComfyUI demo replaces it).
+Run ``python -m flowgrpo_core.demo``: the pure-core demo (no ComfyUI); the README's main job is the ComfyUI one
+(``python -m flowgrpo demo``).
 """
 
 from __future__ import annotations

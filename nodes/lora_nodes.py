@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 from .comfy_policy import LORA_TARGETS
 from .lora_io import APPLY_NODE, EXPORTS, INIT_NODE, SAVE_NODE, apply_lora, lora_state_dict, make_trainer_state, \
     resume_options, save_checkpoint
+from .always_run import AlwaysRun
 from .state import TRAINER
 
 __all__ = ["FlowGRPOLoRAInit", "FlowGRPOSaveLoRA", "FlowGRPOApplyLoRA"]
@@ -19,13 +20,7 @@ __all__ = ["FlowGRPOLoRAInit", "FlowGRPOSaveLoRA", "FlowGRPOApplyLoRA"]
 _TRAINER_TOOLTIP = "The FlowGRPO trainer (from FlowGRPO LoRA Init or a GRPO update node)."
 
 
-class _AlwaysRun(io.ComfyNode):
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs) -> float:
-        return float("nan")  # NaN != NaN: never reuse a cached result
-
-
-class FlowGRPOLoRAInit(_AlwaysRun):
+class FlowGRPOLoRAInit(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -75,7 +70,7 @@ class FlowGRPOLoRAInit(_AlwaysRun):
         return io.NodeOutput(state, state.patcher)
 
 
-class FlowGRPOSaveLoRA(_AlwaysRun):
+class FlowGRPOSaveLoRA(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -106,7 +101,7 @@ class FlowGRPOSaveLoRA(_AlwaysRun):
         return io.NodeOutput(lora_path, ui=ui.PreviewText(text))
 
 
-class FlowGRPOApplyLoRA(_AlwaysRun):
+class FlowGRPOApplyLoRA(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

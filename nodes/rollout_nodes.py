@@ -21,6 +21,7 @@ from ..flowgrpo_core.seeding import iteration_generator
 from ..flowgrpo_core.windows import STEP_MODES, StepSelection, select_steps
 from .comfy_policy import ComfyFlowPolicy, encode_conditioning
 from .model_adapter import require_flow_model
+from .always_run import AlwaysRun
 from .state import GROUPS, ROLLOUT, PromptBatch, Rollout, node_error
 
 __all__ = ["SamplingSettings", "sampling_inputs", "sampling_settings", "make_sigmas", "run_rollout",
@@ -233,7 +234,7 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     return Rollout(trajectory=trajectory, model=model, groups=groups, seed=int(seed), iteration=int(iteration)), out
 
 
-class FlowGRPOSDERollout(io.ComfyNode):
+class FlowGRPOSDERollout(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -22,6 +22,7 @@ from .comfy_policy import LORA_TARGETS
 from .prompt_nodes import encode_prompt_batch, read_prompts
 from .reward_nodes import compute_simple_reward, images_as_batch
 from .rollout_nodes import SamplingSettings, run_rollout, sampling_inputs, sampling_settings
+from .always_run import AlwaysRun
 from .state import METRICS_EVENT, RESULT_EVENT, TRAINER, TrainerState, emit, node_error
 from .update_nodes import UpdateSettings, format_metrics, grpo_inputs, grpo_update, update_settings
 from ..flowgrpo_core.simple_rewards import SIMPLE_REWARDS
@@ -117,7 +118,7 @@ def train(state: TrainerState, job: TrainJob) -> tuple[TrainerState, Any, Path]:
     return state, grid, curve_path
 
 
-class FlowGRPOTrain(io.ComfyNode):
+class FlowGRPOTrain(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -18,6 +18,7 @@ from comfy_api.latest import io
 from ..flowgrpo_core.grpo import group_advantages
 from ..flowgrpo_core.trainer import GRPOConfig, GRPOTrainer
 from .comfy_policy import ComfyFlowPolicy, lora_adapters
+from .always_run import AlwaysRun
 from .state import METRICS_EVENT, REWARDS, ROLLOUT, TRAINER, Rewards, Rollout, TrainerState, emit, node_error
 
 __all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "grpo_update", "format_metrics", "FlowGRPOUpdate",
@@ -126,7 +127,7 @@ def format_metrics(metrics: dict) -> str:
             f"  zero_std {metrics['zero_std_ratio']:.2f}")
 
 
-class FlowGRPOUpdate(io.ComfyNode):
+class FlowGRPOUpdate(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -114,3 +114,45 @@ def test_interrupt_leaves_a_checkpoint_and_resume_continues(comfy_server, demo_m
     assert resumed == [seen[-1] + 1, total]
     assert Path(result["lora_path"]).name == f"{run_name}_{total:05d}.safetensors"
     assert list(checkpoints(loras, run_name)) == [seen[-1], total]
+
+
+def test_composable_nodes_train_in_a_loop(comfy_client, comfy_runtime, demo_model_files):
+    """LoRA Init -> Loop Start -> Prompt Source -> SDE rollout -> stock VAEDecode -> Simple Reward -> GRPO Update ->
+    Loop End -> Save LoRA: the trainer is carried through 3 passes of the body."""
+    from flowgrpo.graph import Graph
+
+    run_name = f"loop_{uuid.uuid4().hex[:8]}"
+    g = Graph()
+    unet = g.add("UNETLoader", unet_name=demo_model_files["diffusion_model"], weight_dtype="default")
+    clip = g.add("CLIPLoader", clip_name=demo_model_files["text_encoder"], type="sd3", device="default")
+    vae = g.add("VAELoader", vae_name=demo_model_files["vae"])
+    init = g.add("FlowGRPOLoRAInit", model=unet, rank=4, alpha=4.0, targets="attention", learning_rate=1e-2,
+                 seed=0, run_name=run_name, resume="none")
+    start = g.add("FlowGRPOLoopStart", value=init.out(0), iterations=3)
+    prompts = g.add("FlowGRPOPromptSource", clip=clip, prompts="a red square\na blue circle", prompt_file="",
+                    negative_prompt="", prompts_per_iteration=2, group_size=2, iteration=start.out(2), seed=0,
+                    flux_guidance=3.5)
+    rollout = g.add("FlowGRPOSDERollout", model=init.out(1), positive=prompts.out(0), negative=prompts.out(1),
+                    groups=prompts.out(2), width=64, height=64, steps=4, scheduler="simple", shift=0.0,
+                    sde_kind="flow_sde", noise_level=0.7, cfg=4.5, norm_rescale=False, step_mode="fraction",
+                    train_fraction=0.99, window_size=2, window_start=0, window_shift_every=25, micro_batch_size=0,
+                    seed=0, iteration=start.out(2))
+    images = g.add("VAEDecode", samples=rollout.out(0), vae=vae)
+    reward = g.add("FlowGRPOSimpleReward", images=images, reward="redness", scale=1.0)
+    update = g.add("FlowGRPOUpdate", trainer=start.out(1), rollout=rollout.out(1), rewards=reward, clip_range=0.2,
+                   kl_beta=0.0, adv_clip_max=5.0, max_grad_norm=1.0, std_mode="global", optimizer_steps=1,
+                   gradient_checkpointing=False)
+    end = g.add("FlowGRPOLoopEnd", loop=start.out(0), value=update.out(0))
+    g.add("FlowGRPOSaveLoRA", trainer=end.out(0), filename_prefix="", export="comfyui")
+
+    iterations = []
+
+    def record(kind, data):
+        if kind == "flowgrpo.metrics" and data.get("run") == run_name:
+            iterations.append(int(data["iteration"]))
+            assert data["first_log_ratio_abs_max"] <= 1e-5
+
+    comfy_client.run(g.api(), timeout=600, on_event=record)
+    assert iterations == [1, 2, 3]
+    loras = Path(comfy_runtime.folder_paths.get_folder_paths("loras")[0])
+    assert list(checkpoints(loras, run_name)) == [3]
