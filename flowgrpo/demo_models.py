@@ -107,15 +107,12 @@ def sd3_state_dict(seed: int = 0, dtype=None, std: float = INIT_STD, **config) -
 
 # ----------------------------------------------------------------------------------------------- files
 def save_file(state_dict: dict, path: os.PathLike, metadata: Optional[dict] = None) -> Path:
-    """Write a safetensors file atomically (a temporary file in the same folder, then ``os.replace``)."""
-    import safetensors.torch
+    """Write a safetensors file atomically (``flowgrpo_core.checkpoint.atomic_save_safetensors``), making the
+    folder if needed."""
+    from flowgrpo_core.checkpoint import atomic_save_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    safetensors.torch.save_file(state_dict, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_save_safetensors(state_dict, path, metadata)
 
 
 def write_sd3_file(path: os.PathLike, seed: int = 0, dtype=None, metadata: Optional[dict] = None,

@@ -9,6 +9,11 @@ Modules, one concept each:
 * ``rollout``       a trajectory with per-step log-probs over a small policy interface
 * ``trainer``       the GRPO update: replay log-probs, accumulate gradients, clip, step
 * ``lora``          LoRA adapters for plain ``nn.Module`` policies through peft
+* ``policy``        the small policy interface the rollout and trainer work over
+* ``seeding``       random streams seeded by (run seed, iteration)
+* ``checkpoint``    atomic safetensors writes, optimizer state and history files, PEFT export keys
+* ``prompts``       prompt lists from text, ``.txt`` and ``.jsonl``
+* ``simple_rewards`` weight-free image rewards (JPEG compressibility, colour statistics)
 """
 
 __version__ = "0.1.0"

@@ -82,8 +82,8 @@ def _peft_path_for(lora_path: Path) -> Path:
 def _safe_prefix(prefix: str, node: str, what: str) -> str:
     """``prefix`` as a relative ``a/b/name`` inside the loras folder; node_error for traversal or odd characters."""
     text = str(prefix).strip().replace("\\", "/")
-    fix = (f"use a plain name such as 'flowgrpo' or 'runs/flowgrpo' (a sub-folder of the loras folder): no '..', "
-           f"no leading '/', no drive letter, none of <>:\"|?*")
+    fix = ("use a plain name such as 'flowgrpo' or 'runs/flowgrpo' (a sub-folder of the loras folder): no '..', "
+           "no leading '/', no drive letter, none of <>:\"|?*")
     if not text:
         raise node_error(node, f"{what} is empty", fix)
     parts = text.split("/")

@@ -77,6 +77,11 @@ def _report(state: TrainerState, metrics: dict, job: TrainJob, images, scored, p
     return grid
 
 
+def _curve_picture(state: TrainerState):
+    """The reward curve of ``state``'s history (mean +- std per iteration)."""
+    return previews.reward_curve(state.reward_curve(), [m.get("reward_std", 0.0) for m in state.history])
+
+
 def _curve_file(state: TrainerState) -> tuple[Path, str]:
     import folder_paths
 
@@ -111,9 +116,7 @@ def train(state: TrainerState, job: TrainJob) -> tuple[TrainerState, Any, Path]:
     if state.saved_iteration != state.iteration:
         state = state.with_checkpoint(lora_io.save_checkpoint(state, node=NODE)[0])
     curve_path, _ = _curve_file(state)
-    curve = state.reward_curve()
-    previews.save_png_atomic(previews.reward_curve(curve, [m.get("reward_std", 0.0) for m in state.history]),
-                             curve_path)
+    previews.save_png_atomic(_curve_picture(state), curve_path)
     comfy.model_management.throw_exception_if_processing_interrupted()
     return state, grid, curve_path
 
@@ -210,8 +213,7 @@ class FlowGRPOTrain(AlwaysRun):
         state, grid, curve_path = train(state, job)
         emit(RESULT_EVENT, {"run": state.run_name, "lora_path": state.checkpoint,
                             "reward_curve_path": str(curve_path), "iterations": state.iteration})
-        curve = previews.to_image(previews.reward_curve(state.reward_curve(),
-                                                        [m.get("reward_std", 0.0) for m in state.history]))
+        curve = previews.to_image(_curve_picture(state))
         samples = previews.to_image(grid) if grid is not None else curve
         trained = lora_io.apply_lora(model, lora_io.lora_state_dict(state), 1.0, node=NODE)
         _, curve_name = _curve_file(state)
