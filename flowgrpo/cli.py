@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -155,9 +154,9 @@ def cmd_convert(args) -> int:
         api = _to_api(workflow, client.object_info())
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text(json.dumps(api, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    from flowgrpo_core.checkpoint import atomic_write_bytes  # imports torch: only here
+
+    atomic_write_bytes(out, (json.dumps(api, indent=2) + "\n").encode("utf-8"))
     kind = "UI workflow converted" if is_ui_format(workflow) else "already an API prompt, copied"
     _say(f"{kind}: {len(api)} nodes -> {out}")
     return EXIT_OK

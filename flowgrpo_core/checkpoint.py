@@ -78,27 +78,20 @@ def _cpu_tensor(name: str, value: Any) -> torch.Tensor:
     return value.detach().to("cpu").contiguous().clone()
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
-                            metadata: Optional[Mapping[str, str]] = None) -> Path:
-    """Write ``tensors`` (+ string ``metadata``) to ``path`` as safetensors, atomically; returns ``path``.
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``.
 
-    The data go to a temporary file in the same folder, are flushed to disk (fsync) and the file is renamed over
-    ``path`` (``os.replace``). If anything fails, the temporary file is removed and an existing ``path`` is left as
-    it was. Tensors are stored as detached, contiguous CPU copies.
+    The bytes go to a new temporary file in the same folder (created like any regular file: mode 0o666 minus the
+    umask), are flushed to disk (fsync) and the file is renamed over ``path`` (``os.replace``). If anything fails, the
+    temporary file is removed and an existing ``path`` is left as it was.
     """
-    import safetensors.torch
-
     path = Path(path)
-    # a new name that no other file has, created like any regular file (mode 0o666 minus the umask)
     tmp_name = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
-    os.close(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        mode = os.stat(tmp_name).st_mode & 0o777
-        cpu = {str(k): _cpu_tensor(str(k), v) for k, v in tensors.items()}
-        meta = None if metadata is None else {str(k): v for k, v in metadata.items()}
-        safetensors.torch.save_file(cpu, tmp_name, metadata=meta)
-        os.chmod(tmp_name, mode)  # safetensors may replace the file with a private (0o600) one of its own
-        with open(tmp_name, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
@@ -109,6 +102,17 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                            metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Write ``tensors`` (+ string ``metadata``) to ``path`` as safetensors with :func:`atomic_write_bytes`; returns
+    ``path``. Tensors are stored as detached, contiguous CPU copies; a failure leaves an existing ``path`` as it was."""
+    import safetensors.torch
+
+    cpu = {str(k): _cpu_tensor(str(k), v) for k, v in tensors.items()}
+    meta = None if metadata is None else {str(k): v for k, v in metadata.items()}
+    return atomic_write_bytes(path, safetensors.torch.save(cpu, metadata=meta))
 
 
 def _fsync_dir(folder: Path) -> None:

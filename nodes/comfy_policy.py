@@ -281,7 +281,7 @@ def gradient_checkpointing(patcher: Any, enabled: bool = True) -> Iterator[int]:
         return
     import torch.utils.checkpoint
 
-    blocks = _blocks(patcher.model.diffusion_model)
+    blocks = [b for b in _blocks(patcher.model.diffusion_model) if "forward" not in b.__dict__]  # not yet wrapped
     for block in blocks:
         plain = block.forward
 
@@ -324,6 +324,10 @@ class ComfyFlowPolicy:
         self.cfg = float(cfg)
         self.norm_rescale = bool(norm_rescale)
         self.checkpointing = bool(checkpointing)
+        #: every sampling forward is an interrupt point; a training forward only while this is True. An update with
+        #: several optimizer steps sets it False: interrupted between its steps, the LoRA would hold part of an
+        #: update that no iteration count describes (with one step, every forward comes before the step).
+        self.interrupt_in_training = True
         self.adapters = lora_adapters(patcher)  # empty for a plain MODEL: it can sample but not train
         self.patch_size = int(getattr(patcher.model.diffusion_model, "patch_size", 2))
         self._training_depth = 0
@@ -373,7 +377,8 @@ class ComfyFlowPolicy:
                                "(forward and backward); use torch.no_grad() for sampling")
         import comfy.model_management
 
-        comfy.model_management.throw_exception_if_processing_interrupted()  # every forward is an interrupt point
+        if not self._training_depth or self.interrupt_in_training:  # see __init__
+            comfy.model_management.throw_exception_if_processing_interrupted()
         grad = torch.is_grad_enabled()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):  # inference_mode(False) turns grad on
             self.ensure_loaded()

@@ -116,9 +116,11 @@ def resume_options() -> list[str]:
 
 
 def find_latest_checkpoint(run_name: str) -> Optional[Path]:
-    """The most recently written resumable checkpoint whose name is ``run_name`` or starts with ``run_name_``."""
+    """The most recently written resumable checkpoint of the run: ``<run_name>_<digits>`` (the names
+    :func:`save_checkpoint` gives), so ``flowgrpo`` never picks up ``flowgrpo_big_00010``."""
+    own = re.compile(re.escape(run_name) + r"_\d+")
     candidates = [(state_path_for(p).stat().st_mtime_ns, name, p) for name, p in _checkpoints()
-                  if name[: -len(LORA_SUFFIX)] == run_name or name.startswith(run_name + "_")]
+                  if own.fullmatch(name[: -len(LORA_SUFFIX)])]
     return max(candidates)[2] if candidates else None
 
 
@@ -237,7 +239,8 @@ def _restore(state: TrainerState, lora_file: Path, saved: TrainingStateFile, nod
         group["lr"] = state.settings.learning_rate
     log.info("%s: resumed %s at iteration %d", node, lora_file.name, saved.iteration)
     return dataclasses.replace(state, iteration=int(saved.iteration), history=tuple(dict(h) for h in saved.history),
-                               checkpoint=str(lora_file), extra=dict(saved.extra.get("trainer_extra", {})))
+                               checkpoint=str(lora_file), saved_iteration=int(saved.iteration),
+                               extra=dict(saved.extra.get("trainer_extra", {})))
 
 
 def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, learning_rate: float, seed: int,

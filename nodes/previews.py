@@ -3,14 +3,16 @@ reward curve (mean per iteration, a +-1 std band and a moving average). Plus IMA
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..flowgrpo_core.checkpoint import atomic_write_bytes
 
 __all__ = ["to_pil", "to_image", "group_grid", "reward_curve", "moving_average", "save_png_atomic"]
 
@@ -121,15 +123,9 @@ def reward_curve(means: Sequence[float], stds: Optional[Sequence[float]] = None,
 
 
 def save_png_atomic(picture: Image.Image, path: os.PathLike) -> Path:
-    """Write ``picture`` as PNG at ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write ``picture`` as PNG at ``path`` atomically (``flowgrpo_core.checkpoint.atomic_write_bytes``)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..flowgrpo.report import CHECKPOINT_EVENT, METRICS_EVENT, RESULT_EVENT
 from ..flowgrpo_core.rollout import Trajectory
 
 __all__ = [
@@ -37,12 +38,10 @@ REWARDS = "FLOWGRPO_REWARDS"
 TRAINER = "FLOWGRPO_TRAINER"
 LOOP = "FLOWGRPO_LOOP"
 
-#: websocket event (``PromptServer.send_sync``) sent after every GRPO update: ``{"node", "iteration", metrics...}``
-METRICS_EVENT = "flowgrpo.metrics"
-#: websocket event sent after a checkpoint was written: ``{"iteration", "lora_path", "state_path"}``
-CHECKPOINT_EVENT = "flowgrpo.checkpoint"
-#: websocket event sent when a training node finishes: ``{"run", "lora_path", "reward_curve_path", "iterations"}``
-RESULT_EVENT = "flowgrpo.result"
+# Websocket events (``PromptServer.send_sync``), named once in the runner that prints them:
+# METRICS_EVENT after every GRPO update (``{"run", "iteration", metrics...}``), CHECKPOINT_EVENT after a checkpoint
+# was written (``{"iteration", "lora_path", "state_path"}``), RESULT_EVENT when a training node finishes
+# (``{"run", "lora_path", "reward_curve_path", "iterations"}``).
 
 
 class NodeInputError(ValueError):

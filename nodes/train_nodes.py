@@ -24,7 +24,8 @@ from .reward_nodes import compute_simple_reward, images_as_batch
 from .rollout_nodes import SamplingSettings, run_rollout, sampling_inputs, sampling_settings
 from .always_run import AlwaysRun
 from .state import METRICS_EVENT, RESULT_EVENT, TRAINER, TrainerState, emit, node_error
-from .update_nodes import UpdateSettings, format_metrics, grpo_inputs, grpo_update, update_settings
+from .update_nodes import UpdateSettings, grpo_inputs, grpo_update, update_settings
+from ..flowgrpo.report import format_metrics
 from ..flowgrpo_core.simple_rewards import SIMPLE_REWARDS
 
 __all__ = ["TrainJob", "train", "FlowGRPOTrain", "NODES"]
@@ -73,7 +74,7 @@ def _report(state: TrainerState, metrics: dict, job: TrainJob, images, scored, p
     grid = previews.group_grid(images, groups.group_ids.tolist(), rewards.values.tolist(), groups.texts)
     progress.update_absolute(state.iteration, job.iterations, ("JPEG", grid, 512))
     emit(METRICS_EVENT, dict(metrics, iterations=job.iterations, run=state.run_name))
-    log.info("FlowGRPO %s/%d %s", state.iteration, job.iterations, format_metrics(metrics))
+    log.info("FlowGRPO %s: %s", state.run_name, format_metrics(dict(metrics, iterations=job.iterations)))
     return grid
 
 

@@ -21,7 +21,7 @@ from .comfy_policy import ComfyFlowPolicy, lora_adapters
 from .always_run import AlwaysRun
 from .state import METRICS_EVENT, REWARDS, ROLLOUT, TRAINER, Rewards, Rollout, TrainerState, emit, node_error
 
-__all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "grpo_update", "format_metrics", "FlowGRPOUpdate",
+__all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "grpo_update", "FlowGRPOUpdate",
            "NODES"]
 
 NODE = "FlowGRPO GRPO Update"
@@ -104,12 +104,15 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
     extras = dict(rollout.trajectory.spec.extras)
     policy = ComfyFlowPolicy(rollout.model, cfg=extras.get("cfg", 1.0), norm_rescale=extras.get("norm_rescale", False),
                              checkpointing=settings.gradient_checkpointing)
+    policy.interrupt_in_training = settings.config.optimizer_steps == 1
     trainer = GRPOTrainer(policy, state.optimizer, settings.config)
     try:
         with policy.training():
             metrics = trainer.update(rollout.trajectory, adv.advantages)
-    except (ValueError, FloatingPointError) as e:
-        raise node_error(node, str(e), "lower the learning rate or check the rewards") from None
+    except FloatingPointError as e:
+        raise node_error(node, str(e), "lower the learning rate or check the rewards") from e
+    except ValueError as e:
+        raise node_error(node, str(e), "change the update settings to fit the rollout") from e
     values = rewards.values.double()
     metrics.update(reward_mean=float(values.mean()), reward_std=float(values.std(unbiased=False)),
                    zero_std_ratio=float(adv.zero_std_ratio), iteration=state.iteration + 1,
@@ -118,13 +121,6 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
         if len(rewards.components) > 1:
             metrics[f"reward_{name}"] = float(component.double().mean())
     return state.advanced(metrics), metrics
-
-
-def format_metrics(metrics: dict) -> str:
-    """One line: iteration, reward mean +- std and the main diagnostics."""
-    return (f"iter {metrics.get('iteration', '?')}: reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f}"
-            f"  loss {metrics['loss']:+.3e}  approx_kl {metrics['approx_kl']:.2e}  clipfrac {metrics['clipfrac']:.3f}"
-            f"  zero_std {metrics['zero_std_ratio']:.2f}")
 
 
 class FlowGRPOUpdate(AlwaysRun):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flowgrpo.client import ComfyClient  # noqa: E402
+from flowgrpo_core.checkpoint import atomic_write_bytes  # noqa: E402
 from flowgrpo.example_specs import EXAMPLES, paths, render, write_placeholders  # noqa: E402
 from flowgrpo.server import make_home, start_server  # noqa: E402
 from flowgrpo.workflow import ui_to_api, validate_api  # noqa: E402
@@ -35,9 +35,7 @@ def dump(obj: dict) -> str:
 
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager

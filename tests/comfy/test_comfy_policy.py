@@ -276,6 +276,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, mods, run_node, t
             policy.velocity(x, sigma, cond).square().mean().backward()
         grads[checkpointing] = [p.grad.detach().clone() for p in params if p.grad is not None]
     assert not any("forward" in b.__dict__ for b in blocks), "the shared blocks are restored afterwards"
+    with P.gradient_checkpointing(patcher) as outer:
+        with P.gradient_checkpointing(patcher) as inner:
+            assert (outer, inner) == (len(blocks), 0), "an inner context wraps nothing twice"
+        assert all("forward" in b.__dict__ for b in blocks), "leaving the inner context keeps the outer wrappers"
+    assert not any("forward" in b.__dict__ for b in blocks)
     assert len(grads[True]) == len(grads[False]) > 0
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

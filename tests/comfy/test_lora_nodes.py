@@ -296,3 +296,19 @@ def test_server_runs_init_and_save_on_every_queue_and_lists_new_checkpoints(comf
     comfy_client.run(_server_prompt(tiny_sd3_file, run_name, name))
     with pytest.raises(ComfyError, match="resume"):
         comfy_client.run(_server_prompt(tiny_sd3_file, run_name, f"{run_name}_99999.safetensors"))
+
+
+def test_latest_is_the_newest_checkpoint_of_this_run_only(mods, loras):
+    run = _run_name("latest")
+    made = []
+    for stem in (f"{run}_00001", f"{run}_big_00002", f"{run}x_00003"):  # written in this order: newest last
+        for suffix in (".safetensors", ".flowgrpo-state"):
+            made.append(loras / f"{stem}{suffix}")
+            made[-1].write_bytes(b"")
+    try:
+        assert mods.io.find_latest_checkpoint(run) == loras / f"{run}_00001.safetensors"
+        assert mods.io.find_latest_checkpoint(f"{run}_big") == loras / f"{run}_big_00002.safetensors"
+        assert mods.io.find_latest_checkpoint(f"{run}_none") is None
+    finally:
+        for path in made:
+            path.unlink()
