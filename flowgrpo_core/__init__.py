@@ -13,7 +13,7 @@ Modules, one concept each:
 * ``seeding``       random streams seeded by (run seed, iteration)
 * ``checkpoint``    atomic safetensors writes, optimizer state and history files, PEFT export keys
 * ``prompts``       prompt lists from text, ``.txt`` and ``.jsonl``
-* ``simple_rewards`` weight-free image rewards (JPEG compressibility, colour statistics)
+* ``rewards``       the reward interface (``base``) and weight-free image rewards (``simple``)
 """
 
 __version__ = "0.1.0"

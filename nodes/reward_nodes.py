@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..flowgrpo_core.simple_rewards import SIMPLE_REWARDS, simple_reward
+from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS, simple_reward
 from .state import REWARDS, Rewards, node_error
 
 __all__ = ["images_as_batch", "compute_simple_reward", "FlowGRPOSimpleReward", "NODES"]

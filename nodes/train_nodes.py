@@ -26,7 +26,7 @@ from .always_run import AlwaysRun
 from .state import METRICS_EVENT, RESULT_EVENT, TRAINER, TrainerState, emit, node_error
 from .update_nodes import UpdateSettings, grpo_inputs, grpo_update, update_settings
 from ..flowgrpo.report import format_metrics
-from ..flowgrpo_core.simple_rewards import SIMPLE_REWARDS
+from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS
 
 __all__ = ["TrainJob", "train", "FlowGRPOTrain", "NODES"]
 

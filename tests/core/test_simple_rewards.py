@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowgrpo_core.simple_rewards import SIMPLE_REWARDS, jpeg_size_kb, simple_reward
+from flowgrpo_core.rewards.simple import SIMPLE_REWARDS, jpeg_size_kb, simple_reward
 
 
 def _images():
@@ -43,3 +43,33 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match=r"images must be \[B, H, W, C>=3\]"):
         simple_reward("brightness", torch.zeros(2, 8, 8))
     assert set(SIMPLE_REWARDS) >= {"jpeg_compressibility", "brightness", "saturation", "redness"}
+
+
+def test_the_backend_interface_checks_inputs_and_scores():
+    from flowgrpo_core.rewards import RewardBackend, SimpleReward
+
+    images = _images()
+    result = SimpleReward("brightness").score(images, ["a", "b", "c"])
+    torch.testing.assert_close(result.scores, simple_reward("brightness", images))
+    with pytest.raises(ValueError, match="got 2 prompts for 3 images"):
+        SimpleReward("brightness").score(images, ["a", "b"])
+    with pytest.raises(ValueError, match="unknown simple reward"):
+        SimpleReward("beauty")
+
+    class Broken(RewardBackend):
+        name = "broken"
+
+        def _score(self, images, prompts, metadata):
+            return torch.tensor([1.0, float("nan"), 0.0])
+
+    with pytest.raises(ValueError, match=r"reward 'broken' returned NaN or infinite scores for samples \[1\]"):
+        Broken().score(images, ["a"] * 3)
+
+    class Short(RewardBackend):
+        name = "short"
+
+        def _score(self, images, prompts, metadata):
+            return [1.0]
+
+    with pytest.raises(ValueError, match="returned 1 scores for 3 images"):
+        Short().score(images, ["a"] * 3)

@@ -16,11 +16,13 @@ higher is better.
 from __future__ import annotations
 
 import io
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["SIMPLE_REWARDS", "simple_reward", "jpeg_size_kb"]
+from .base import RewardBackend
+
+__all__ = ["SIMPLE_REWARDS", "simple_reward", "jpeg_size_kb", "SimpleReward"]
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
@@ -66,3 +68,15 @@ def simple_reward(name: str, images: torch.Tensor) -> torch.Tensor:
     if name not in SIMPLE_REWARDS:
         raise ValueError(f"unknown simple reward {name!r}; choose one of {', '.join(SIMPLE_REWARDS)}")
     return SIMPLE_REWARDS[name](images).float().cpu().reshape(-1)
+
+
+class SimpleReward(RewardBackend):
+    """One of :data:`SIMPLE_REWARDS` as a :class:`RewardBackend` (prompts are not used)."""
+
+    def __init__(self, name: str):
+        if name not in SIMPLE_REWARDS:
+            raise ValueError(f"unknown simple reward {name!r}; choose one of {', '.join(SIMPLE_REWARDS)}")
+        self.name = name
+
+    def _score(self, images: torch.Tensor, prompts: list[str], metadata: Optional[Sequence[dict]]) -> torch.Tensor:
+        return simple_reward(self.name, images)
