@@ -15,6 +15,7 @@ Reward statistics run in float64 on the CPU (rewards are a handful of numbers); 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -25,6 +26,8 @@ from .sde import SDE_KINDS
 
 STD_MODES = ("global", "group")
 AGGREGATION_MODES = ("weighted_sum", "normalize_then_weight")
+#: how several rewards become one advantage (:func:`multi_reward_advantages`)
+ADVANTAGE_MODES = ("weighted_sum", "advantage_sum")
 KL_FORMS = ("exact", "reference")
 
 ClipRange = Union[float, Sequence[float]]
@@ -206,6 +209,36 @@ def aggregate_rewards(rewards: Mapping[str, torch.Tensor], weights: Mapping[str,
         total += float(weights[name]) * c
     device = torch.as_tensor(next(iter(rewards.values()))).device
     return total.to(device=device, dtype=torch.float32)
+
+
+def multi_reward_advantages(rewards: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                            group_ids: torch.Tensor, mode: str = "weighted_sum", std_mode: str = "global",
+                            eps: float = 1e-4, ddof: int = 0, clip: Optional[float] = 5.0,
+                            std_floor: float = 0.0) -> AdvantageResult:
+    """Advantages ``[B]`` from several rewards ``{name: [B]}`` with weights ``w_k``.
+
+    ``"weighted_sum"`` (Flow-GRPO):  ``A = norm(sum_k w_k r_k)``, the raw rewards summed, then normalised once.
+    ``"advantage_sum"`` (DanceGRPO, MixGRPO's ``advantage_aggr``): ``A = sum_k w_k norm(r_k)``, each reward
+    normalised on its own (so its scale does not matter), then summed.
+
+    ``norm`` is :func:`group_advantages` with ``std_mode``, ``eps``, ``ddof`` and ``std_floor`` and no clip; the final
+    advantages are clipped to ``+-clip``. ``group_mean``, ``group_std`` and the zero-std counts describe the weighted
+    total ``sum_k w_k r_k`` in both modes.
+    """
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    total = aggregate_rewards(rewards, weights, mode="weighted_sum")  # also checks names, weights and sizes
+    combined = group_advantages(total, group_ids, std_mode=std_mode, eps=eps, ddof=ddof,
+                                clip=clip if mode == "weighted_sum" else None, std_floor=std_floor)
+    if mode == "weighted_sum":
+        return combined
+    adv = torch.zeros_like(combined.advantages, dtype=torch.float64)
+    for name, r in rewards.items():
+        part = group_advantages(r, group_ids, std_mode=std_mode, eps=eps, ddof=ddof, clip=None, std_floor=std_floor)
+        adv += float(weights[name]) * part.advantages.double()
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return dataclasses.replace(combined, advantages=adv.to(combined.advantages.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------

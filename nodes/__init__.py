@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (loop_nodes, lora_nodes, prompt_nodes, reward_nodes, rollout_nodes, sampler_nodes, train_nodes,
-               update_nodes)
+from . import (loop_nodes, lora_nodes, prompt_nodes, reward_model_nodes, reward_nodes, rollout_nodes, sampler_nodes,
+               train_nodes, update_nodes)
 
 #: Every node class the pack registers, in menu order.
 #: Node ids start with ``FlowGRPO``, custom types with ``FLOWGRPO_`` (tests/comfy checks both).
@@ -19,6 +19,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     *rollout_nodes.NODES,
     *sampler_nodes.NODES,
     *reward_nodes.NODES,
+    *reward_model_nodes.NODES,
     *update_nodes.NODES,
     *train_nodes.NODES,
     *lora_nodes.NODES,

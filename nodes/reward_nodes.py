@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..flowgrpo_core.grpo import ADVANTAGE_MODES, aggregate_rewards
 from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS, simple_reward
 from .state import REWARDS, Rewards, node_error
 
-__all__ = ["images_as_batch", "compute_simple_reward", "FlowGRPOSimpleReward", "NODES"]
+__all__ = ["images_as_batch", "compute_simple_reward", "combine_rewards", "FlowGRPOSimpleReward",
+           "FlowGRPOCombineRewards", "NODES"]
 
 NODE = "FlowGRPO Simple Reward"
 
@@ -57,4 +59,61 @@ class FlowGRPOSimpleReward(io.ComfyNode):
         return io.NodeOutput(compute_simple_reward(reward, images, scale))
 
 
-NODES = [FlowGRPOSimpleReward]
+COMBINE_NODE = "FlowGRPO Combine Rewards"
+_SLOTS = 4
+
+
+def combine_rewards(parts: list[tuple[Rewards, float]], mode: str, node: str = COMBINE_NODE) -> Rewards:
+    """One ``Rewards`` from ``(rewards, weight)`` pairs: ``values = sum_k w_k r_k``; each part enters as one component
+    (its name: its single component's, else ``reward_<k>``; repeated names get ``_<k>``)."""
+    if mode not in ADVANTAGE_MODES:
+        raise node_error(node, f"unknown mode {mode!r}", f"choose one of {list(ADVANTAGE_MODES)}")
+    if len(parts) < 2:
+        raise node_error(node, f"{len(parts)} reward connected", "connect at least two rewards to combine (one "
+                         "reward can go to GRPO Update directly)")
+    components, weights = {}, {}
+    for k, (rewards, weight) in enumerate(parts, start=1):
+        name = rewards.components[0][0] if len(rewards.components) == 1 else f"reward_{k}"
+        if name in components:
+            name = f"{name}_{k}"
+        components[name], weights[name] = rewards.values, float(weight)
+    try:
+        values = aggregate_rewards(components, weights, mode="weighted_sum")
+    except ValueError as e:
+        raise node_error(node, str(e), "give every reward one value per sample and a nonzero weight somewhere") from e
+    return Rewards(values=values, components=tuple(components.items()), weights=tuple(weights.items()),
+                   aggregation=mode)
+
+
+class FlowGRPOCombineRewards(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        slots = []
+        for k in range(1, _SLOTS + 1):
+            slots += [io.Custom(REWARDS).Input(f"rewards_{k}", optional=k > 2,
+                                               tooltip=f"Reward {k} (one score per sample)."),
+                      io.Float.Input(f"weight_{k}", default=1.0, min=-1000.0, max=1000.0, step=0.01,
+                                     tooltip=f"Weight of reward {k}.")]
+        return io.Schema(
+            node_id="FlowGRPOCombineRewards",
+            display_name=COMBINE_NODE,
+            category="FlowGRPO/rewards",
+            description="Combines up to four rewards with weights. weighted_sum (Flow-GRPO): the update normalises "
+                        "sum_k w_k r_k; advantage_sum (DanceGRPO / MixGRPO): it normalises each reward within its "
+                        "groups, then sums w_k A_k, so the rewards' scales do not matter.",
+            inputs=[*slots,
+                    io.Combo.Input("mode", options=list(ADVANTAGE_MODES), default="weighted_sum",
+                                   tooltip="weighted_sum: sum the raw rewards, then normalise; advantage_sum: "
+                                           "normalise each reward, then sum the advantages.")],
+            outputs=[io.Custom(REWARDS).Output(display_name="rewards",
+                                               tooltip="The combined rewards, each component kept for metrics.")],
+        )
+
+    @classmethod
+    def execute(cls, mode, **inputs) -> io.NodeOutput:
+        parts = [(inputs[f"rewards_{k}"], inputs[f"weight_{k}"]) for k in range(1, _SLOTS + 1)
+                 if inputs.get(f"rewards_{k}") is not None]
+        return io.NodeOutput(combine_rewards(parts, mode))
+
+
+NODES = [FlowGRPOSimpleReward, FlowGRPOCombineRewards]

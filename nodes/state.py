@@ -110,10 +110,19 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Rewards:
-    """Per-sample scores ``[B]`` fp32 (``components``: named raw scores before weighting, each ``[B]``)."""
+    """Per-sample scores.
+
+    values:      ``[B]`` fp32, the reward (for several rewards: the weighted sum of the components).
+    components:  ``(name, [B] scores)`` pairs, the rewards before weighting.
+    weights:     ``(name, weight)`` pairs when several rewards were combined (empty: ``values`` is the reward).
+    aggregation: how the update turns combined rewards into advantages (``flowgrpo_core.grpo.ADVANTAGE_MODES``):
+                 ``weighted_sum`` normalises ``values``; ``advantage_sum`` normalises each component, then sums.
+    """
 
     values: torch.Tensor
     components: tuple[tuple[str, torch.Tensor], ...] = ()
+    weights: tuple[tuple[str, float], ...] = ()
+    aggregation: str = "weighted_sum"
 
     @property
     def batch_size(self) -> int:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..flowgrpo_core.grpo import group_advantages
+from ..flowgrpo_core.grpo import group_advantages, multi_reward_advantages
 from ..flowgrpo_core.trainer import GRPOConfig, GRPOTrainer
 from .comfy_policy import ComfyFlowPolicy, lora_adapters
 from .always_run import AlwaysRun
 from .state import METRICS_EVENT, REWARDS, ROLLOUT, TRAINER, Rewards, Rollout, TrainerState, emit, node_error
 
-__all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "grpo_update", "FlowGRPOUpdate",
+__all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "advantages", "grpo_update", "FlowGRPOUpdate",
            "NODES"]
 
 NODE = "FlowGRPO GRPO Update"
@@ -89,6 +89,16 @@ def _check_inputs(state: TrainerState, rollout: Rollout, rewards: Rewards, node:
                          "LoRA is unchanged", "fix the reward (a NaN reward would poison its whole group)")
 
 
+def advantages(rewards: Rewards, group_ids: torch.Tensor, settings: UpdateSettings):
+    """The :class:`~flowgrpo_core.grpo.AdvantageResult` of ``rewards``: one reward normalised per group, or several
+    combined by ``rewards.aggregation`` (:func:`~flowgrpo_core.grpo.multi_reward_advantages`)."""
+    norm = dict(std_mode=settings.std_mode, clip=settings.config.adv_clip_max, std_floor=settings.std_floor)
+    if rewards.weights:
+        return multi_reward_advantages(dict(rewards.components), dict(rewards.weights), group_ids,
+                                       mode=rewards.aggregation, **norm)
+    return group_advantages(rewards.values, group_ids, **norm)
+
+
 def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, settings: UpdateSettings,
                 node: str = NODE) -> tuple[TrainerState, dict]:
     """One GRPO update of ``state``'s LoRA on ``rollout`` scored by ``rewards``; returns ``(new_state, metrics)``.
@@ -99,8 +109,7 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
     """
     _check_inputs(state, rollout, rewards, node)
     start = time.perf_counter()
-    adv = group_advantages(rewards.values, rollout.groups.group_ids, std_mode=settings.std_mode,
-                           clip=settings.config.adv_clip_max, std_floor=settings.std_floor)
+    adv = advantages(rewards, rollout.groups.group_ids, settings)
     extras = dict(rollout.trajectory.spec.extras)
     policy = ComfyFlowPolicy(rollout.model, cfg=extras.get("cfg", 1.0), norm_rescale=extras.get("norm_rescale", False),
                              checkpointing=settings.gradient_checkpointing)

@@ -184,3 +184,49 @@ def test_update_rejects_nan_rewards_and_foreign_rollouts(mods, run_node, tiny_sd
     short = mods.state.Rewards(values=torch.tensor([1.0, 0.0]))
     with pytest.raises(NodeInputError, match="2 rewards for a rollout of 4 samples"):
         run_node("FlowGRPOUpdate", trainer=trainer, rollout=rollout, rewards=short, **UPDATE_DEFAULTS)
+
+
+@pytest.mark.parametrize("mode", ["weighted_sum", "advantage_sum"])
+def test_two_weighted_rewards_train_with_hand_computed_advantages(mode, mods, run_node, tiny_sd3_file,
+                                                                  flowgrpo_pack):
+    update_nodes = importlib.import_module(f"{flowgrpo_pack.package}.nodes.update_nodes")
+    model = load_model("sd3", run_node, tiny_sd3_file)
+    trainer, train_model = init_trainer(run_node, model, f"two_rewards_{mode}")
+    positive = batched_conditioning("sd3", seeds=(3, 5), group=GROUP)
+    negative = batched_conditioning("sd3", seeds=(4, 4), group=GROUP)
+    _, rollout = run_node("FlowGRPOSDERollout", model=train_model, positive=positive, negative=negative,
+                          groups=prompt_batch(mods), **rollout_inputs("sd3"))
+    a_scores, b_scores = torch.tensor([1.0, 3.0, 2.0, 2.0]), torch.tensor([10.0, 0.0, 5.0, 7.0])
+    a = mods.state.Rewards(values=a_scores, components=(("a", a_scores),))
+    b = mods.state.Rewards(values=b_scores, components=(("b", b_scores),))
+    (combined,) = run_node("FlowGRPOCombineRewards", rewards_1=a, weight_1=1.0, rewards_2=b, weight_2=0.5,
+                           weight_3=1.0, weight_4=1.0, mode=mode)
+    torch.testing.assert_close(combined.values, torch.tensor([6.0, 3.0, 4.5, 5.5]))
+    settings = update_nodes.update_settings(**{k: v for k, v in UPDATE_DEFAULTS.items()})
+    got = update_nodes.advantages(combined, rollout.groups.group_ids, settings).advantages
+    eps = 1e-4  # global std (the update's default): std of the whole batch, ddof 0
+    if mode == "weighted_sum":
+        total = [6.0, 3.0, 4.5, 5.5]
+        std = torch.tensor(total).std(unbiased=False).item()
+        expected = torch.tensor([(6.0 - 4.5), (3.0 - 4.5), (4.5 - 5.0), (5.5 - 5.0)]) / (std + eps)
+    else:
+        std_a = torch.tensor([1.0, 3.0, 2.0, 2.0]).std(unbiased=False).item()
+        std_b = torch.tensor([10.0, 0.0, 5.0, 7.0]).std(unbiased=False).item()
+        adv_a = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (std_a + eps)
+        adv_b = torch.tensor([5.0, -5.0, -1.0, 1.0]) / (std_b + eps)
+        expected = adv_a + 0.5 * adv_b
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    _, metrics_json, reward_mean = run_node("FlowGRPOUpdate", trainer=trainer, rollout=rollout, rewards=combined,
+                                            **UPDATE_DEFAULTS)
+    metrics = json.loads(metrics_json)
+    assert metrics["first_log_ratio_abs_max"] <= 1e-5 and metrics["grad_norm"] > 0
+    assert metrics["reward_a"] == pytest.approx(2.0) and metrics["reward_b"] == pytest.approx(5.5)
+    assert reward_mean == pytest.approx(4.75)
+
+
+def test_combine_rewards_needs_two(mods, run_node):
+    a = mods.state.Rewards(values=torch.tensor([1.0, 0.0]), components=(("a", torch.tensor([1.0, 0.0])),))
+    with pytest.raises(mods.state.NodeInputError, match="FlowGRPO Combine Rewards: 1 reward connected"):
+        run_node("FlowGRPOCombineRewards", rewards_1=a, weight_1=1.0, weight_2=1.0, weight_3=1.0, weight_4=1.0,
+                 mode="weighted_sum")

@@ -403,3 +403,31 @@ def test_std_floor_bounds_advantages_of_near_equal_groups():
     assert torch.allclose(floored.advantages[2:], torch.tensor([-1.0, 1.0]), atol=1e-6)
     with pytest.raises(ValueError, match="std_floor"):
         group_advantages(rewards, groups, std_floor=-1.0)
+
+
+def test_multi_reward_advantages_both_modes_by_hand():
+    from flowgrpo_core.grpo import multi_reward_advantages
+
+    groups = torch.tensor([0, 0, 1, 1])
+    rewards = {"a": torch.tensor([1.0, 3.0, 2.0, 2.0]), "b": torch.tensor([10.0, 0.0, 5.0, 7.0])}
+    weights = {"a": 1.0, "b": 0.5}
+    eps = 1e-4
+    # weighted_sum: total = a + b/2 = [6, 3, 4.5, 5.5]; group 0: mean 4.5, std 1.5; group 1: mean 5, std 0.5
+    ws = multi_reward_advantages(rewards, weights, groups, mode="weighted_sum", std_mode="group", eps=eps)
+    expected = torch.tensor([1.5 / (1.5 + eps), -1.5 / (1.5 + eps), -0.5 / (0.5 + eps), 0.5 / (0.5 + eps)])
+    torch.testing.assert_close(ws.advantages, expected, rtol=0, atol=1e-6)
+    # advantage_sum: a -> group 0 [-1, 1] (std 1), group 1 zero-variance [0, 0]; b -> [1, -1] (std 5), [-1, 1] (std 1)
+    adv = multi_reward_advantages(rewards, weights, groups, mode="advantage_sum", std_mode="group", eps=eps)
+    a_part = torch.tensor([-1 / (1 + eps), 1 / (1 + eps), 0.0, 0.0])
+    b_part = torch.tensor([5 / (5 + eps), -5 / (5 + eps), -1 / (1 + eps), 1 / (1 + eps)])
+    torch.testing.assert_close(adv.advantages, a_part + 0.5 * b_part, rtol=0, atol=1e-6)
+    assert adv.advantages[0] < 0 < ws.advantages[0], "the modes disagree on who wins group 0"
+    # both describe the weighted total's groups; clipping applies to the final sum
+    torch.testing.assert_close(adv.group_mean, ws.group_mean)
+    clipped = multi_reward_advantages(rewards, {"a": 10.0, "b": 10.0}, groups, mode="advantage_sum",
+                                      std_mode="group", eps=eps, clip=5.0)
+    assert float(clipped.advantages.abs().max()) == 5.0
+    with pytest.raises(ValueError, match="mode must be one of"):
+        multi_reward_advantages(rewards, weights, groups, mode="mean")
+    with pytest.raises(ValueError, match=r"no weight for reward\(s\) \['b'\]"):
+        multi_reward_advantages(rewards, {"a": 1.0}, groups)

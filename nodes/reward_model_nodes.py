@@ -1,0 +1,260 @@
+"""Reward nodes on the reward interface (``flowgrpo_core.rewards``): pick a scorer (a local backend or a reward
+server), score decoded images with it, or turn any chain of FLOAT values into ``FLOWGRPO_REWARDS``.
+
+``FLOWGRPO_REWARD_MODEL`` carries a :class:`~flowgrpo_core.rewards.RewardBackend`. Load Reward Model offers the
+backends of :data:`REWARD_MODELS` (name -> factory): the weight-free ones today; a weighted backend is added by one
+more entry there.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..flowgrpo_core.rewards import SIMPLE_REWARDS, RemoteReward, RewardBackend, SimpleReward
+from .always_run import AlwaysRun
+from .reward_nodes import images_as_batch
+from .state import GROUPS, REWARDS, NodeInputError, PromptBatch, Rewards, node_error
+
+__all__ = ["REWARD_MODEL", "REWARD_MODELS", "load_reward_model", "prompts_for", "score_images", "summarize",
+           "parse_floats", "rewards_from_floats", "FlowGRPOLoadRewardModel", "FlowGRPORewardServer",
+           "FlowGRPOScoreImages", "FlowGRPORewardsFromFloats", "NODES"]
+
+REWARD_MODEL = "FLOWGRPO_REWARD_MODEL"
+
+LOAD_NODE = "FlowGRPO Load Reward Model"
+SERVER_NODE = "FlowGRPO Reward Server"
+SCORE_NODE = "FlowGRPO Score Images"
+FLOATS_NODE = "FlowGRPO Rewards From Floats"
+
+#: Backends offered by Load Reward Model: combo name -> factory building the backend (weights load in the factory).
+REWARD_MODELS: dict[str, Callable[[], RewardBackend]] = {name: partial(SimpleReward, name) for name in SIMPLE_REWARDS}
+
+_REWARD_MODEL_TOOLTIP = "The scorer: FlowGRPO Load Reward Model or FlowGRPO Reward Server."
+
+
+def load_reward_model(backend: str) -> RewardBackend:
+    """The backend ``backend`` (a key of :data:`REWARD_MODELS`); a node error for an unknown name."""
+    factory = REWARD_MODELS.get(backend)
+    if factory is None:
+        raise node_error(LOAD_NODE, f"unknown reward backend {backend!r}", f"choose one of {', '.join(REWARD_MODELS)}")
+    return factory()
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def prompts_for(backend: RewardBackend, groups: Optional[PromptBatch], images: torch.Tensor) -> list[str]:
+    """One prompt per frame of ``images`` (IMAGE ``[B, H, W, C]`` or a decode ``[B, T, H, W, C]``, whose ``T`` frames
+    of a sample share its prompt); ``""`` for every frame without groups (a node error if the backend needs them)."""
+    frames = images_as_batch(images).shape[0]
+    if groups is None:
+        if backend.needs_prompt:
+            raise node_error(SCORE_NODE, f"reward {backend.name!r} scores images against their prompts, but no "
+                                         "groups are connected",
+                             "connect the groups output of FlowGRPO Prompt Source (the same one the sampler uses)")
+        return [""] * frames
+    texts = list(groups.texts)
+    per_sample = images.shape[1] if images.dim() == 5 else 1
+    if len(texts) * per_sample != frames:
+        raise node_error(SCORE_NODE, f"groups hold {len(texts)} prompts but the images are {frames} frames "
+                                     f"(shape {tuple(images.shape)})",
+                         "connect the groups of the rollout these images were decoded from")
+    return [text for text in texts for _ in range(per_sample)]
+
+
+def score_images(backend: RewardBackend, images: torch.Tensor, groups: Optional[PromptBatch] = None,
+                 name: str = "", scale: float = 1.0) -> Rewards:
+    """``Rewards`` of ``scale * backend.score(images, prompts)`` with one component ``name`` (empty: the backend's
+    name). A backend's ValueError (a bad batch, an unreachable server, ...) becomes a node error with its message."""
+    if not isinstance(backend, RewardBackend):
+        raise node_error(SCORE_NODE, f"reward_model is a {type(backend).__name__}, not a reward backend",
+                         "connect FlowGRPO Load Reward Model or FlowGRPO Reward Server")
+    prompts = prompts_for(backend, groups, images)
+    try:
+        scores = backend.score(images_as_batch(images), prompts).scores
+    except NodeInputError:
+        raise
+    except ValueError as e:  # includes RemoteRewardError; the message names the problem and the fix
+        raise NodeInputError(f"{SCORE_NODE}: {e}") from None
+    values = scores * float(scale)
+    return Rewards(values=values, components=((name or backend.name, values),))
+
+
+def summarize(name: str, values: torch.Tensor) -> str:
+    """``"name: mean ± std (min .. max)"`` (population std, so one sample reads ± 0)."""
+    v = values.double()
+    return (f"{name}: {v.mean().item():.4g} ± {v.std(unbiased=False).item():.4g} "
+            f"({v.min().item():.4g} .. {v.max().item():.4g})")
+
+
+# ------------------------------------------------------------------------------------------ floats
+_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+def parse_floats(text: str) -> list[float]:
+    """Numbers separated by commas, semicolons, whitespace or newlines; a node error names the first bad token."""
+    values = []
+    for i, token in enumerate(t for t in _SEPARATORS.split(text.strip()) if t):
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise node_error(FLOATS_NODE, f"text entry {i} ({token!r}) is not a number",
+                             "write plain numbers separated by commas, spaces or newlines, e.g. 0.5, 1, -2e-3") from None
+    return values
+
+
+def rewards_from_floats(values: Sequence[float], name: str = "custom") -> Rewards:
+    """``Rewards`` holding ``values`` (one per sample) as component ``name``; node error if empty or not finite."""
+    if not values:
+        raise node_error(FLOATS_NODE, "no values", "connect a FLOAT list to values or type the numbers into text")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(float(v))]
+    if bad:
+        raise node_error(FLOATS_NODE, f"values of samples {bad} are NaN or infinite",
+                         "fix the upstream scorer (every reward must be a finite number)")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    return Rewards(values=tensor, components=((name or "custom", tensor),))
+
+
+def _single(value, default):
+    """The one value of an ``is_input_list`` input that is a widget (a one-element list), or ``default``."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else default
+    return default if value is None else value
+
+
+# ------------------------------------------------------------------------------------------ nodes
+class FlowGRPOLoadRewardModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowGRPOLoadRewardModel",
+            display_name=LOAD_NODE,
+            category="FlowGRPO/rewards",
+            description="Loads a reward backend for FlowGRPO Score Images.",
+            inputs=[io.Combo.Input("backend", options=list(REWARD_MODELS), default="jpeg_compressibility",
+                                   tooltip="jpeg_compressibility: minus the JPEG size in kB (Flow-GRPO's compression "
+                                           "reward); jpeg_incompressibility: plus it; brightness / saturation / "
+                                           "redness: colour statistics in [0, 1]. Higher is better.")],
+            outputs=[io.Custom(REWARD_MODEL).Output(display_name="reward_model",
+                                                    tooltip="The scorer, for FlowGRPO Score Images.")],
+        )
+
+    @classmethod
+    def execute(cls, backend: str) -> io.NodeOutput:
+        return io.NodeOutput(load_reward_model(backend))
+
+
+class FlowGRPORewardServer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowGRPORewardServer",
+            display_name=SERVER_NODE,
+            category="FlowGRPO/rewards",
+            description=("A reward computed by a reward server (python -m flowgrpo_core.rewards serve). Nothing is "
+                         "sent until FlowGRPO Score Images scores images; they travel as 8-bit PNGs."),
+            inputs=[
+                io.String.Input("url", default="http://127.0.0.1:8000",
+                                tooltip="The server's address (http:// or https://, host and port)."),
+                io.String.Input("api_key", default="",
+                                tooltip="The key the server was started with (sent as X-API-Key); empty: none."),
+                io.Float.Input("timeout", default=120.0, min=0.1, max=3600.0, step=1.0,
+                               tooltip="Seconds to wait for each request's answer."),
+                io.Int.Input("retries", default=2, min=0, max=20,
+                             tooltip="Extra attempts after a connection error or a server error (5xx)."),
+                io.Int.Input("batch_size", default=64, min=1, max=4096,
+                             tooltip="Images per request (lower it when the server refuses large requests)."),
+                io.Boolean.Input("needs_prompt", default=True,
+                                 tooltip="On: the server's reward reads the prompts (CLIP score, OCR, ...), so "
+                                         "Score Images needs groups. Off: image-only rewards."),
+            ],
+            outputs=[io.Custom(REWARD_MODEL).Output(display_name="reward_model",
+                                                    tooltip="The remote scorer, for FlowGRPO Score Images.")],
+        )
+
+    @classmethod
+    def execute(cls, url: str, api_key: str = "", timeout: float = 120.0, retries: int = 2, batch_size: int = 64,
+                needs_prompt: bool = True) -> io.NodeOutput:
+        try:
+            backend = RemoteReward(url, api_key=api_key or None, timeout=timeout, retries=retries,
+                                   batch_size=batch_size, needs_prompt=needs_prompt)
+        except ValueError as e:
+            raise node_error(SERVER_NODE, str(e), "set url to the reward server's address, e.g. "
+                                                  "http://127.0.0.1:8000") from None
+        return io.NodeOutput(backend)
+
+
+class FlowGRPOScoreImages(AlwaysRun):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowGRPOScoreImages",
+            display_name=SCORE_NODE,
+            category="FlowGRPO/rewards",
+            description="Scores each image with a reward model or server. Higher is better.",
+            inputs=[
+                io.Custom(REWARD_MODEL).Input("reward_model", tooltip=_REWARD_MODEL_TOOLTIP),
+                io.Image.Input("images", tooltip="Decoded rollout images (VAEDecode of the rollout's LATENT)."),
+                io.Custom(GROUPS).Input("groups", optional=True,
+                                        tooltip="FlowGRPO Prompt Source's groups: the prompt of each image. Needed "
+                                                "by rewards that read prompts; without it prompts are empty."),
+                io.String.Input("name", default="",
+                                tooltip="Name of this reward component in metrics; empty: the backend's name."),
+                io.Float.Input("scale", default=1.0, min=-1000.0, max=1000.0, step=0.01,
+                               tooltip="Multiplies the score (a negative scale turns a reward into a penalty)."),
+            ],
+            outputs=[
+                io.Custom(REWARDS).Output(display_name="rewards",
+                                          tooltip="One score per image, for FlowGRPO GRPO Update."),
+                io.Float.Output(display_name="scores", is_output_list=True,
+                                tooltip="The same scores as a FLOAT list (one value per image)."),
+                io.String.Output(display_name="summary", tooltip="name: mean ± std (min .. max)."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, reward_model, images, groups=None, name: str = "", scale: float = 1.0) -> io.NodeOutput:
+        rewards = score_images(reward_model, images, groups, name, scale)
+        component, values = rewards.components[0]
+        text = summarize(component, values)
+        return io.NodeOutput(rewards, values.tolist(), text, ui=ui.PreviewText(text))
+
+
+class FlowGRPORewardsFromFloats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowGRPORewardsFromFloats",
+            display_name=FLOATS_NODE,
+            category="FlowGRPO/rewards",
+            description=("Rewards from plain numbers: a FLOAT list from any node chain (one value per image) or "
+                         "numbers typed into text."),
+            inputs=[
+                io.Float.Input("values", optional=True, force_input=True,
+                               tooltip="One FLOAT per image (a list output, e.g. Score Images' scores)."),
+                io.String.Input("text", optional=True, multiline=True, default="",
+                                tooltip="Numbers separated by commas, spaces or newlines; used instead of values "
+                                        "when not empty."),
+                io.String.Input("name", default="custom", tooltip="Name of this reward component in metrics."),
+            ],
+            outputs=[io.Custom(REWARDS).Output(display_name="rewards",
+                                               tooltip="One score per image, for FlowGRPO GRPO Update.")],
+            is_input_list=True,
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, values=None, text=None, name=None) -> io.NodeOutput:
+        text = _single(text, "") or ""
+        name = _single(name, "custom") or "custom"
+        numbers = parse_floats(text) if text.strip() else list(values or [])
+        rewards = rewards_from_floats(numbers, name)
+        return io.NodeOutput(rewards, ui=ui.PreviewText(summarize(name, rewards.values)))
+
+
+NODES = [FlowGRPOLoadRewardModel, FlowGRPORewardServer, FlowGRPOScoreImages, FlowGRPORewardsFromFloats]
