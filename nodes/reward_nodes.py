@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flowgrpo_core.grpo import ADVANTAGE_MODES, aggregate_rewards
-from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS, simple_reward
+from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS, SimpleReward
 from .state import REWARDS, Rewards, node_error
 
 __all__ = ["images_as_batch", "compute_simple_reward", "combine_rewards", "FlowGRPOSimpleReward",
@@ -22,13 +22,15 @@ def images_as_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def compute_simple_reward(kind: str, images: torch.Tensor, scale: float = 1.0, node: str = NODE) -> Rewards:
-    """``Rewards`` of ``scale * simple_reward(kind, images)``; NaN or inf scores are a node error."""
+    """``Rewards`` of ``scale *`` the :class:`SimpleReward` backend's scores; its checks (shape, NaN or inf scores)
+    become node errors."""
     images = images_as_batch(images)
-    values = simple_reward(kind, images) * float(scale)
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-    if bad:
-        raise node_error(node, f"the {kind} reward is not finite for samples {bad}",
-                         "check the decoded images (NaN pixels come from a diverged model: lower the learning rate)")
+    try:
+        scores = SimpleReward(kind).score(images, [""] * images.shape[0]).scores
+    except ValueError as e:
+        raise node_error(node, str(e), "check the decoded images (NaN pixels come from a diverged model: lower the "
+                         "learning rate)") from None
+    values = scores * float(scale)
     return Rewards(values=values, components=((kind, values),))
 
 

@@ -185,8 +185,5 @@ def comfy_server_factory(comfyui_root, comfy_home, tiny_sd3_file, tiny_clip_file
 
 @pytest.fixture()
 def comfy_client(comfy_server):
-    c = ComfyClient(comfy_server.url)
-    try:
+    with ComfyClient(comfy_server.url) as c:
         yield c
-    finally:
-        c.close()

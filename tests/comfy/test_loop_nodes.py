@@ -44,11 +44,8 @@ def loop_server(request):
 
 @pytest.fixture()
 def loop_client(loop_server):
-    client = ComfyClient(loop_server.url)
-    try:
+    with ComfyClient(loop_server.url) as client:
         yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
