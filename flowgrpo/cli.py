@@ -123,13 +123,17 @@ def _execute(client: ComfyClient, api: dict, workflow: dict, server, timeout: Op
 def _stop(client: ComfyClient, prompt_id: str, reporter: Reporter) -> dict:
     """Cancel the prompt (interrupt it, or drop it from the queue) and wait until the server confirms; raises
     ComfyError (kind ``interrupted``), or returns the history entry when it finished first."""
+    client.connect()  # a fresh websocket (Ctrl-C may have cut the old one mid-frame) before the interrupt's events
     client.cancel(prompt_id)
     deadline = time.monotonic() + INTERRUPT_GRACE_S
     while time.monotonic() < deadline:
         try:
             return client.wait(prompt_id, 2.0, reporter)
         except TimeoutError:
-            if not client.is_queued(prompt_id) and not client.history(prompt_id):
+            entry = client.finished_entry(prompt_id)  # its events may have come before the new websocket
+            if entry is not None:
+                return entry
+            if not client.is_queued(prompt_id):
                 raise ComfyError(f"prompt {prompt_id} was removed from the queue before it started",
                                  kind="interrupted") from None
     raise ComfyError(f"prompt {prompt_id} did not stop within {INTERRUPT_GRACE_S:.0f} s of the interrupt",

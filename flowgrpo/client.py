@@ -51,6 +51,19 @@ def _format_node_errors(node_errors: dict, prompt: Optional[dict] = None) -> str
     return "\n".join(lines)
 
 
+def _raise_failure(prompt_id: str, kind: str, data: dict) -> None:
+    """Raise the ComfyError of an ``execution_error`` or ``execution_interrupted`` event; other events pass."""
+    if kind == "execution_error":
+        raise ComfyError(
+            f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+            f"{data.get('exception_type')}: {data.get('exception_message')}",
+            kind="execution", node_id=data.get("node_id"), node_type=data.get("node_type"), details=data)
+    if kind == "execution_interrupted":
+        raise ComfyError(f"prompt {prompt_id} was interrupted at node {data.get('node_id')} "
+                         f"({data.get('node_type')})", kind="interrupted", node_id=data.get("node_id"),
+                         node_type=data.get("node_type"), details=data)
+
+
 class ComfyClient:
     def __init__(self, base_url: str, client_id: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
@@ -106,6 +119,15 @@ class ComfyClient:
         queue = self.get_json("/queue")
         items = (queue.get("queue_running") or []) + (queue.get("queue_pending") or [])
         return any(len(item) > 1 and item[1] == prompt_id for item in items)
+
+    def finished_entry(self, prompt_id: str) -> Optional[dict]:
+        """The prompt's ``/history`` entry once it has finished (None before), raising the ComfyError that
+        :meth:`wait` would have raised for an interrupted or failed prompt (its status messages keep the events)."""
+        entry = self.history(prompt_id)
+        for message in (entry.get("status") or {}).get("messages") or []:
+            if isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict):
+                _raise_failure(prompt_id, message[0], message[1])
+        return entry or None
 
     def history(self, prompt_id: str) -> dict:
         return self.get_json(f"/history/{prompt_id}").get(prompt_id, {})
@@ -184,6 +206,9 @@ class ComfyClient:
                 self._ws = None
                 raise ComfyError(f"lost the connection to {self.base_url} while prompt {prompt_id} ran ({e}); "
                                  "did the server stop?", kind="connection") from None
+            except BaseException:  # e.g. Ctrl-C: the frame may be half read, so this socket is unusable now
+                self.close()
+                raise
             if not isinstance(frame, str):  # binary: previews, progress text
                 continue
             msg = json.loads(frame)
@@ -196,15 +221,7 @@ class ComfyClient:
                 on_event(kind, data)
             if "prompt_id" not in data:
                 continue
-            if kind == "execution_error":
-                raise ComfyError(
-                    f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type')}: {data.get('exception_message')}",
-                    kind="execution", node_id=data.get("node_id"), node_type=data.get("node_type"), details=data)
-            if kind == "execution_interrupted":
-                raise ComfyError(f"prompt {prompt_id} was interrupted at node {data.get('node_id')} "
-                                 f"({data.get('node_type')})", kind="interrupted", node_id=data.get("node_id"),
-                                 node_type=data.get("node_type"), details=data)
+            _raise_failure(prompt_id, kind, data)
             if kind == "executing" and data.get("node") is None:
                 break
         return self.history(prompt_id)

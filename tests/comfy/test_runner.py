@@ -246,7 +246,7 @@ def test_ctrl_c_interrupts_the_prompt_on_the_server(server):
         rest, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (rest, err)
     assert "Ctrl-C: interrupting the prompt" in err and "was interrupted at node" in err
     with ComfyClient(server.url) as client:  # the server is idle again
         assert client.get_json("/queue") == {"queue_running": [], "queue_pending": []}
