@@ -22,7 +22,11 @@ COMFY_REQS=(torchsde einops "transformers>=4.50.3" "tokenizers>=0.13.3" sentence
   "aiohttp>=3.11.8" "yarl>=1.18.0" pyyaml Pillow scipy tqdm psutil alembic SQLAlchemy "av>=14.2.0" requests
   "numpy>=1.25" "pydantic~=2.0" "pydantic-settings~=2.0" "kornia>=0.7.1" spandrel
   comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1)
-PACK_REQS=(peft pytest websocket-client)
+# Reward backends: open_clip (HPSv2, CLIP score), rapidocr + onnxruntime (OCR; its models ship in the wheel).
+PACK_REQS=(peft pytest websocket-client "open_clip_torch>=3,<4" "rapidocr>=3,<4" onnxruntime)
+# Test-only: the fixed hpsv2 sdist as the HPSv2 parity oracle. Installed without its dependencies, which pin
+# pytest and protobuf (see docs/reward-models.md); clint is the one import it needs beyond ours.
+TEST_REQS=(hpsv2x==1.2.0 clint args)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -47,6 +51,13 @@ if ! stamp_ok "$VENV/.flowgrpo-deps" "$want"; then
   # torchaudio built for another CUDA than torch breaks transformers' model imports; keep it out.
   "$VPY" -m pip uninstall -y -q torchaudio >/dev/null 2>&1 || true
   echo "$want" > "$VENV/.flowgrpo-deps"
+fi
+
+# 2b. test-only packages (scripts/test.sh passes --test)
+if [ "${1:-}" = "--test" ] && ! stamp_ok "$VENV/.flowgrpo-test-deps" "${TEST_REQS[*]}"; then
+  log "installing test-only packages without dependencies: ${TEST_REQS[*]}"
+  "${PIP[@]}" --no-deps "${TEST_REQS[@]}"
+  echo "${TEST_REQS[*]}" > "$VENV/.flowgrpo-test-deps"
 fi
 
 # 3. ComfyUI runtime

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["RewardResult", "RewardBackend", "check_scores"]
+__all__ = ["RewardResult", "RewardBackend", "TorchReward", "check_scores", "merge_results"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,62 @@ class RewardBackend(ABC):
     def _score(self, images: torch.Tensor, prompts: list[str],
                metadata: Optional[Sequence[dict]]) -> RewardResult | torch.Tensor:
         """Scores of a checked batch (a RewardResult, or just the ``[B]`` scores)."""
+
+
+def merge_results(parts: Sequence[RewardResult]) -> RewardResult:
+    """One result from the results of consecutive chunks: scores concatenated, per-sample details concatenated
+    (lists and ``[b]`` tensors alike; a detail missing from a chunk is dropped)."""
+    scores = torch.cat([torch.as_tensor(p.scores, dtype=torch.float32).reshape(-1).cpu() for p in parts])
+    keys = [k for k in parts[0].details if all(k in p.details for p in parts)] if parts else []
+    details = {}
+    for k in keys:
+        values = [p.details[k] for p in parts]
+        details[k] = (torch.cat([v.detach().cpu().reshape(-1) for v in values])
+                      if all(isinstance(v, torch.Tensor) for v in values) else [x for v in values for x in v])
+    return RewardResult(scores=scores, details=details)
+
+
+class TorchReward(RewardBackend):
+    """A reward computed by torch modules.
+
+    ``model`` holds every weight of the scorer as one ``nn.Module`` (eval mode, no gradients), so a host such as
+    ComfyUI's model management can move or offload it as one piece; scoring runs on whatever device ``model`` sits
+    on at that moment. ``dtype`` is the compute dtype of the towers (preprocessing stays float32). Batches are
+    scored in chunks of ``batch_size`` images under ``torch.inference_mode()``.
+
+    Subclasses implement :meth:`_score_batch` for one chunk: ``images`` ``[b, H, W, C]`` float32 in ``[0, 1]`` on
+    :attr:`device`.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval().requires_grad_(False)
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.model.parameters():
+            return tensor.device
+        for tensor in self.model.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def _score(self, images: torch.Tensor, prompts: list[str],
+               metadata: Optional[Sequence[dict]]) -> RewardResult:
+        device = self.device
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], self.batch_size):
+                stop = start + self.batch_size
+                chunk = images[start:stop].to(device=device, dtype=torch.float32)
+                meta = None if metadata is None else list(metadata[start:stop])
+                result = self._score_batch(chunk, prompts[start:stop], meta)
+                parts.append(result if isinstance(result, RewardResult) else RewardResult(scores=result))
+        return merge_results(parts)
+
+    @abstractmethod
+    def _score_batch(self, images: torch.Tensor, prompts: list[str],
+                     metadata: Optional[list[dict]]) -> RewardResult | torch.Tensor:
+        """Scores ``[b]`` of one chunk ``images`` ``[b, H, W, C]`` float32 on :attr:`device`."""
