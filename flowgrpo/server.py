@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: model folder name (``folder_paths``) -> sub-folder of ``<home>/models``
 MODEL_FOLDERS = {"diffusion_models": "diffusion_models", "text_encoders": "text_encoders", "loras": "loras",
-                 "vae": "vae"}
+                 "vae": "vae", "reward_models": "reward_models", "reward_scripts": "reward_scripts"}
 
 START_TIMEOUT_S = 120.0
 

@@ -6,7 +6,8 @@ Conventions:
   (:class:`flowgrpo_core.group_sampler.GroupSampler`) picks ``P = prompts_per_iteration`` of them per iteration by
   index and repeats each ``G = group_size`` times;
 * ``.txt``: one prompt per line; blank lines and lines whose first non-blank character is ``#`` are skipped;
-* ``.jsonl``: one JSON object per line with a string field ``"prompt"`` (other fields are ignored); blank lines are
+* ``.jsonl``: one JSON object per line with a string field ``"prompt"`` (the record rides along as the prompt's
+  ``metadata``, for rewards such as GenEval that read it); blank lines are
   skipped; anything else is an error naming the line;
 * files are read as UTF-8 (a leading byte-order mark is accepted).
 
@@ -24,6 +25,8 @@ from typing import Iterable
 __all__ = [
     "PROMPT_FILE_EXTENSIONS",
     "PromptError",
+    "Prompt",
+    "prompt_metadata",
     "parse_prompt_lines",
     "parse_prompt_jsonl",
     "load_prompt_file",
@@ -54,9 +57,27 @@ def parse_prompt_lines(text: str) -> list[str]:
     return prompts
 
 
+class Prompt(str):
+    """A prompt string that carries the JSONL record it came from as ``metadata`` (e.g. GenEval's ``tag``,
+    ``include``, ``exclude``), for rewards that read more than the text. Behaves as the plain string otherwise."""
+
+    metadata: dict
+
+    def __new__(cls, text: str, metadata: dict | None = None) -> "Prompt":
+        prompt = super().__new__(cls, text)
+        prompt.metadata = dict(metadata or {})
+        return prompt
+
+
+def prompt_metadata(prompts) -> list[dict] | None:
+    """The ``metadata`` of each prompt (``{}`` for a plain string), or ``None`` when no prompt has any."""
+    records = [dict(getattr(p, "metadata", None) or {}) for p in prompts]
+    return records if any(records) else None
+
+
 def parse_prompt_jsonl(text: str, source: str = "<jsonl>") -> list[str]:
-    """The ``"prompt"`` field of each JSON-object line (blank lines skipped), stripped; ``source`` names the input in
-    errors. Raises :class:`PromptError` with the 1-based line number for malformed JSON, a line that is not an object,
+    """The ``"prompt"`` field of each JSON-object line (blank lines skipped), stripped, as :class:`Prompt` strings
+    carrying their whole record as ``metadata``; ``source`` names the input in errors. Raises :class:`PromptError` with the 1-based line number for malformed JSON, a line that is not an object,
     or a missing, non-string or empty ``"prompt"``."""
     prompts = []
     fix = 'write one JSON object per line with a non-empty string field "prompt", e.g. {"prompt": "a red cube"}'
@@ -77,7 +98,7 @@ def parse_prompt_jsonl(text: str, source: str = "<jsonl>") -> list[str]:
             raise PromptError(f'{source} line {number}: "prompt" is a {type(prompt).__name__}, not a string', fix)
         if not prompt.strip():
             raise PromptError(f'{source} line {number}: "prompt" is empty', fix + " (or delete the line)")
-        prompts.append(prompt.strip())
+        prompts.append(Prompt(prompt.strip(), record))
     return prompts
 
 

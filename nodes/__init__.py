@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (loop_nodes, lora_nodes, prompt_nodes, reward_model_nodes, reward_nodes, rollout_nodes, sampler_nodes,
-               train_nodes, update_nodes)
+from . import (loop_nodes, lora_nodes, prompt_nodes, reward_loading, reward_model_nodes, reward_nodes, rollout_nodes,
+               sampler_nodes, train_nodes, update_nodes)
+
+reward_loading.register_folders()  # models/reward_models and models/reward_scripts
+reward_loading.user_rewards()  # discover user rewards at start (import errors are logged here)
 
 #: Every node class the pack registers, in menu order.
 #: Node ids start with ``FlowGRPO``, custom types with ``FLOWGRPO_`` (tests/comfy checks both).

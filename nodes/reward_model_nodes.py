@@ -2,26 +2,29 @@
 server), score decoded images with it, or turn any chain of FLOAT values into ``FLOWGRPO_REWARDS``.
 
 ``FLOWGRPO_REWARD_MODEL`` carries a :class:`~flowgrpo_core.rewards.RewardBackend`. Load Reward Model offers the
-backends of :data:`REWARD_MODELS` (name -> factory): the weight-free ones today; a weighted backend is added by one
-more entry there.
+weight-free statistics, the model backends of ``flowgrpo_core.rewards.registry`` (weights from
+``models/reward_models``) and the user rewards of ``models/reward_scripts`` (see :mod:`.reward_loading`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from comfy_api.latest import io, ui
 
-from ..flowgrpo_core.rewards import SIMPLE_REWARDS, RemoteReward, RewardBackend, SimpleReward
+from ..flowgrpo_core.prompts import prompt_metadata
+from ..flowgrpo_core.rewards import RemoteReward, RewardBackend
+from ..flowgrpo_core.rewards.registry import MissingDependencyError
+from ..flowgrpo_core.rewards.weights import MissingWeightsError, WeightsFormatError
 from .always_run import AlwaysRun
+from .reward_loading import DEFAULT_WEIGHTS, DEVICES, DTYPES, backend_options, build_reward, weights_options
 from .reward_nodes import images_as_batch
 from .state import GROUPS, REWARDS, NodeInputError, PromptBatch, Rewards, node_error
 
-__all__ = ["REWARD_MODEL", "REWARD_MODELS", "load_reward_model", "prompts_for", "score_images", "summarize",
+__all__ = ["REWARD_MODEL", "load_reward_model", "prompts_for", "score_images", "summarize",
            "parse_floats", "rewards_from_floats", "FlowGRPOLoadRewardModel", "FlowGRPORewardServer",
            "FlowGRPOScoreImages", "FlowGRPORewardsFromFloats", "NODES"]
 
@@ -32,54 +35,65 @@ SERVER_NODE = "FlowGRPO Reward Server"
 SCORE_NODE = "FlowGRPO Score Images"
 FLOATS_NODE = "FlowGRPO Rewards From Floats"
 
-#: Backends offered by Load Reward Model: combo name -> factory building the backend (weights load in the factory).
-REWARD_MODELS: dict[str, Callable[[], RewardBackend]] = {name: partial(SimpleReward, name) for name in SIMPLE_REWARDS}
-
 _REWARD_MODEL_TOOLTIP = "The scorer: FlowGRPO Load Reward Model or FlowGRPO Reward Server."
 
+_FIX_WEIGHTS = ("put the file or folder where the message says (layouts and download links: docs/reward-models.md), "
+                "or pick the file in the weights list")
 
-def load_reward_model(backend: str) -> RewardBackend:
-    """The backend ``backend`` (a key of :data:`REWARD_MODELS`); a node error for an unknown name."""
-    factory = REWARD_MODELS.get(backend)
-    if factory is None:
-        raise node_error(LOAD_NODE, f"unknown reward backend {backend!r}", f"choose one of {', '.join(REWARD_MODELS)}")
-    return factory()
+
+def load_reward_model(backend: str, weights: str = DEFAULT_WEIGHTS, device: str = "auto",
+                      dtype: str = "auto") -> RewardBackend:
+    """The scorer ``backend`` (:func:`reward_loading.build_reward`); every loading problem becomes a node error
+    that names the file or package and the fix."""
+    try:
+        return build_reward(backend, weights, device, dtype)
+    except MissingWeightsError as e:
+        raise node_error(LOAD_NODE, str(e), _FIX_WEIGHTS) from None
+    except MissingDependencyError as e:
+        raise node_error(LOAD_NODE, str(e), "install the package, then restart ComfyUI") from None
+    except WeightsFormatError as e:
+        raise node_error(LOAD_NODE, str(e), "use the original weights of this reward model, or .safetensors "
+                                            "converted from them") from None
+    except ValueError as e:
+        raise node_error(LOAD_NODE, str(e), "choose a backend from the list (user rewards: a .py file in "
+                                            "models/reward_scripts, then refresh)") from None
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def prompts_for(backend: RewardBackend, groups: Optional[PromptBatch], images: torch.Tensor) -> list[str]:
+def prompts_for(backend: RewardBackend, groups: Optional[PromptBatch], images: torch.Tensor,
+                node: str = SCORE_NODE) -> list[str]:
     """One prompt per frame of ``images`` (IMAGE ``[B, H, W, C]`` or a decode ``[B, T, H, W, C]``, whose ``T`` frames
     of a sample share its prompt); ``""`` for every frame without groups (a node error if the backend needs them)."""
     frames = images_as_batch(images).shape[0]
     if groups is None:
         if backend.needs_prompt:
-            raise node_error(SCORE_NODE, f"reward {backend.name!r} scores images against their prompts, but no "
+            raise node_error(node, f"reward {backend.name!r} scores images against their prompts, but no "
                                          "groups are connected",
                              "connect the groups output of FlowGRPO Prompt Source (the same one the sampler uses)")
         return [""] * frames
     texts = list(groups.texts)
     per_sample = images.shape[1] if images.dim() == 5 else 1
     if len(texts) * per_sample != frames:
-        raise node_error(SCORE_NODE, f"groups hold {len(texts)} prompts but the images are {frames} frames "
+        raise node_error(node, f"groups hold {len(texts)} prompts but the images are {frames} frames "
                                      f"(shape {tuple(images.shape)})",
                          "connect the groups of the rollout these images were decoded from")
     return [text for text in texts for _ in range(per_sample)]
 
 
 def score_images(backend: RewardBackend, images: torch.Tensor, groups: Optional[PromptBatch] = None,
-                 name: str = "", scale: float = 1.0) -> Rewards:
-    """``Rewards`` of ``scale * backend.score(images, prompts)`` with one component ``name`` (empty: the backend's
-    name). A backend's ValueError (a bad batch, an unreachable server, ...) becomes a node error with its message."""
+                 name: str = "", scale: float = 1.0, node: str = SCORE_NODE) -> Rewards:
+    """``Rewards`` of ``scale * backend.score(images, prompts, metadata)`` with one component ``name`` (empty: the
+    backend's name); ``metadata`` is the prompts' JSONL records (:class:`~flowgrpo_core.prompts.Prompt`), if any. A backend's ValueError (a bad batch, an unreachable server, ...) becomes a node error with its message."""
     if not isinstance(backend, RewardBackend):
-        raise node_error(SCORE_NODE, f"reward_model is a {type(backend).__name__}, not a reward backend",
+        raise node_error(node, f"reward_model is a {type(backend).__name__}, not a reward backend",
                          "connect FlowGRPO Load Reward Model or FlowGRPO Reward Server")
-    prompts = prompts_for(backend, groups, images)
+    prompts = prompts_for(backend, groups, images, node)
     try:
-        scores = backend.score(images_as_batch(images), prompts).scores
+        scores = backend.score(images_as_batch(images), prompts, prompt_metadata(prompts)).scores
     except NodeInputError:
         raise
     except ValueError as e:  # includes RemoteRewardError; the message names the problem and the fix
-        raise NodeInputError(f"{SCORE_NODE}: {e}") from None
+        raise NodeInputError(f"{node}: {e}") from None
     values = scores * float(scale)
     return Rewards(values=values, components=((name or backend.name, values),))
 
@@ -134,18 +148,34 @@ class FlowGRPOLoadRewardModel(io.ComfyNode):
             node_id="FlowGRPOLoadRewardModel",
             display_name=LOAD_NODE,
             category="FlowGRPO/rewards",
-            description="Loads a reward backend for FlowGRPO Score Images.",
-            inputs=[io.Combo.Input("backend", options=list(REWARD_MODELS), default="jpeg_compressibility",
-                                   tooltip="jpeg_compressibility: minus the JPEG size in kB (Flow-GRPO's compression "
-                                           "reward); jpeg_incompressibility: plus it; brightness / saturation / "
-                                           "redness: colour statistics in [0, 1]. Higher is better.")],
+            description=("Loads a reward model for FlowGRPO Score Images. Weights come from models/reward_models "
+                         "(never downloaded); see docs/reward-models.md for each backend's files."),
+            inputs=[
+                io.Combo.Input("backend", options=backend_options(), default="jpeg_compressibility",
+                               tooltip="The reward. Weight-free: jpeg_(in)compressibility (minus/plus the JPEG kB), "
+                                       "brightness, saturation, redness. Models: hpsv2 / hpsv2.1 (human preference), "
+                                       "pickscore, aesthetic (LAION v2), clip_score, image_reward, ocr (quoted text "
+                                       "rendered correctly), geneval (objects, counts, colours, positions). user:* "
+                                       "are .py files in models/reward_scripts. Higher is better."),
+                io.Combo.Input("weights", options=weights_options(), default=DEFAULT_WEIGHTS,
+                               tooltip="Weights file or folder in models/reward_models; (default): the backend's "
+                                       "standard name (e.g. HPS_v2.1_compressed.pt). Ignored by weight-free "
+                                       "backends."),
+                io.Combo.Input("device", options=DEVICES, default="auto",
+                               tooltip="auto: ComfyUI's device, offloaded while the diffusion model trains; cpu: "
+                                       "always on the CPU (saves VRAM, slower)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="Compute precision of the reward model; auto: float16 on a GPU that supports "
+                                       "it, float32 on the CPU."),
+            ],
             outputs=[io.Custom(REWARD_MODEL).Output(display_name="reward_model",
                                                     tooltip="The scorer, for FlowGRPO Score Images.")],
         )
 
     @classmethod
-    def execute(cls, backend: str) -> io.NodeOutput:
-        return io.NodeOutput(load_reward_model(backend))
+    def execute(cls, backend: str, weights: str = DEFAULT_WEIGHTS, device: str = "auto",
+                dtype: str = "auto") -> io.NodeOutput:
+        return io.NodeOutput(load_reward_model(backend, weights, device, dtype))
 
 
 class FlowGRPORewardServer(io.ComfyNode):

@@ -1,7 +1,8 @@
 """``FlowGRPO GRPO Train``: the whole loop in one node (prompts -> rollout -> VAE decode -> reward -> update).
 
 It calls the same helpers as the composable nodes (:func:`prompt_nodes.encode_prompt_batch`,
-:func:`rollout_nodes.run_rollout`, :func:`reward_nodes.compute_simple_reward`, :func:`update_nodes.grpo_update`,
+:func:`rollout_nodes.run_rollout`, :func:`reward_nodes.compute_simple_reward` (or
+:func:`reward_model_nodes.score_images` with a connected reward model), :func:`update_nodes.grpo_update`,
 :mod:`lora_io` for checkpoints), reports every iteration (progress bar with the group grid as preview, a
 ``flowgrpo.metrics`` websocket event, a log line), saves every ``save_every`` iterations, and on an interrupt saves
 a checkpoint before stopping. ``iterations`` is the run's total: a resumed run continues up to it.
@@ -20,6 +21,7 @@ from comfy_api.latest import io, ui
 from . import lora_io, previews
 from .comfy_policy import LORA_TARGETS
 from .prompt_nodes import encode_prompt_batch, read_prompts
+from .reward_model_nodes import REWARD_MODEL, score_images
 from .reward_nodes import compute_simple_reward, images_as_batch
 from .rollout_nodes import SamplingSettings, run_rollout, sampling_inputs, sampling_settings
 from .always_run import AlwaysRun
@@ -51,6 +53,7 @@ class TrainJob:
     update: UpdateSettings
     reward: str
     reward_scale: float
+    reward_model: Any  # a RewardBackend from Load Reward Model / Reward Server, used instead of ``reward``
     iterations: int
     save_every: int
     seed: int
@@ -63,8 +66,12 @@ def _iteration(state: TrainerState, job: TrainJob) -> tuple[TrainerState, dict, 
                                                      job.flux_guidance, node=NODE)
     rollout, latent = run_rollout(state.patcher, positive, negative, job.sampling, seed=job.seed, iteration=it,
                                   width=job.width, height=job.height, groups=groups, preview=False, node=NODE)
-    images = images_as_batch(job.vae.decode(latent["samples"]))
-    rewards = compute_simple_reward(job.reward, images, job.reward_scale, node=NODE)
+    decoded = job.vae.decode(latent["samples"])
+    images = images_as_batch(decoded)
+    if job.reward_model is not None:
+        rewards = score_images(job.reward_model, decoded, groups, scale=job.reward_scale, node=NODE)
+    else:
+        rewards = compute_simple_reward(job.reward, images, job.reward_scale, node=NODE)
     state, metrics = grpo_update(state, rollout, rewards, job.update, node=NODE)
     return state, metrics, images, (groups, rewards)
 
@@ -153,9 +160,13 @@ class FlowGRPOTrain(AlwaysRun):
                 io.Int.Input("height", default=512, min=16, max=8192, step=16, tooltip="Image height in pixels."),
                 *sampling_inputs(),
                 io.Combo.Input("reward", options=list(SIMPLE_REWARDS), default="jpeg_compressibility",
-                               tooltip="The reward each decoded image gets (weight-free statistics)."),
+                               tooltip="The reward each decoded image gets (weight-free statistics); ignored when "
+                                       "reward_model is connected."),
                 io.Float.Input("reward_scale", default=1.0, min=-1000.0, max=1000.0, step=0.01,
                                tooltip="Multiplies the reward."),
+                io.Custom(REWARD_MODEL).Input("reward_model", optional=True,
+                                              tooltip="A reward model (FlowGRPO Load Reward Model) or reward "
+                                                      "server; replaces the reward combo when connected."),
                 *grpo_inputs(),
                 io.Int.Input("rank", default=16, min=1, max=1024, tooltip="LoRA rank."),
                 io.Float.Input("alpha", default=16.0, min=0.0, max=4096.0, step=0.5,
@@ -194,7 +205,7 @@ class FlowGRPOTrain(AlwaysRun):
                 step_mode, train_fraction, window_size, window_start, window_shift_every, micro_batch_size,
                 reward, reward_scale, clip_range, kl_beta, adv_clip_max, max_grad_norm, std_mode, optimizer_steps,
                 gradient_checkpointing, rank, alpha, targets, learning_rate, iterations, save_every, run_name, resume,
-                seed) -> io.NodeOutput:
+                seed, reward_model=None) -> io.NodeOutput:
         sampling = sampling_settings(steps, scheduler, shift, sde_kind, noise_level, cfg, norm_rescale, step_mode,
                                      train_fraction, window_size, window_start, window_shift_every,
                                      micro_batch_size, node=NODE)
@@ -206,7 +217,8 @@ class FlowGRPOTrain(AlwaysRun):
                        group_size=group_size, flux_guidance=flux_guidance, width=width, height=height,
                        sampling=sampling, update=update_settings(clip_range, kl_beta, adv_clip_max, max_grad_norm,
                                                                  std_mode, optimizer_steps, gradient_checkpointing),
-                       reward=reward, reward_scale=reward_scale, iterations=iterations, save_every=save_every,
+                       reward=reward, reward_scale=reward_scale, reward_model=reward_model,
+                       iterations=iterations, save_every=save_every,
                        seed=seed)
         state = lora_io.make_trainer_state(model, rank=rank, alpha=alpha, targets=targets,
                                            learning_rate=learning_rate, seed=seed, run_name=run_name, resume=resume,

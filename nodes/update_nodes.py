@@ -19,6 +19,7 @@ from ..flowgrpo_core.grpo import group_advantages, multi_reward_advantages
 from ..flowgrpo_core.trainer import GRPOConfig, GRPOTrainer
 from .comfy_policy import ComfyFlowPolicy, lora_adapters
 from .always_run import AlwaysRun
+from .reward_loading import offload_reward_models
 from .state import METRICS_EVENT, REWARDS, ROLLOUT, TRAINER, Rewards, Rollout, TrainerState, emit, node_error
 
 __all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "advantages", "grpo_update", "FlowGRPOUpdate",
@@ -105,7 +106,8 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
 
     Metrics: the trainer's (loss, approx_kl, clipfrac, ratio_mean/min/max, grad_norm, kl,
     first_log_ratio_abs_max, ...) plus reward_mean, reward_std, zero_std_ratio, iteration (completed updates
-    after this one) and seconds.
+    after this one), seconds, ``reward_<name>`` (the mean of each component when there are several), and the
+    per-sample lists ``advantages`` ``[B]`` and ``rewards`` (component name -> ``[B]`` scores).
     """
     _check_inputs(state, rollout, rewards, node)
     start = time.perf_counter()
@@ -115,6 +117,7 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
                              checkpointing=settings.gradient_checkpointing)
     policy.interrupt_in_training = settings.config.optimizer_steps == 1
     trainer = GRPOTrainer(policy, state.optimizer, settings.config)
+    offload_reward_models()  # the reward models' memory goes to the diffusion model's update
     try:
         with policy.training():
             metrics = trainer.update(rollout.trajectory, adv.advantages)
@@ -129,6 +132,8 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
     for name, component in rewards.components:
         if len(rewards.components) > 1:
             metrics[f"reward_{name}"] = float(component.double().mean())
+    metrics["advantages"] = adv.advantages.tolist()
+    metrics["rewards"] = {name: component.tolist() for name, component in rewards.components}
     return state.advanced(metrics), metrics
 
 

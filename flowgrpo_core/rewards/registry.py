@@ -75,7 +75,9 @@ def require(module: str, package: str, reward: str):
 
 
 def _register_builtin() -> None:
-    """Registers the specs of the pack's backend modules (they import only torch at module level)."""
+    """Registers the specs of the pack's backend modules (they import only torch at module level). The package's
+    ``__init__`` imports this module before any backend module, so a backend's own ``from .registry import ...``
+    finds the names above already defined."""
     import importlib
 
     for module in _BUILTIN:
@@ -84,5 +86,5 @@ def _register_builtin() -> None:
 
 
 #: Backend modules, in the order their backends are offered.
-_BUILTIN = ("hps", "hf_clip", "aesthetic", "open_clip_models")
+_BUILTIN = ("hps", "hf_clip", "aesthetic", "image_reward", "ocr", "geneval", "open_clip_models")
 _register_builtin()

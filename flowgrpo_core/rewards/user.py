@@ -23,6 +23,7 @@ import importlib.util
 import inspect
 import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -45,16 +46,27 @@ class UserRewards:
     errors: list[str] = field(default_factory=list)
 
 
-def _expose_core() -> None:
-    """Make ``import flowgrpo_core...`` work inside user files, whatever name the host imported the pack under
-    (ComfyUI imports it as ``<custom_nodes folder>.flowgrpo_core``): every loaded core module gets its
-    ``flowgrpo_core.*`` alias, so user classes subclass the very classes the pack checks against."""
+@contextmanager
+def _core_visible():
+    """While a user file is imported, ``import flowgrpo_core...`` resolves to *this* pack's core, whatever name the
+    host imported the pack under (ComfyUI: ``<custom_nodes folder>.flowgrpo_core``), so user classes subclass the
+    very classes the pack checks against. Entries that were there before are put back afterwards."""
     core = __package__.rsplit(".", 1)[0]
     if core == "flowgrpo_core":
+        yield
         return
-    for name, module in list(sys.modules.items()):
-        if name == core or name.startswith(core + "."):
-            sys.modules.setdefault("flowgrpo_core" + name[len(core):], module)
+    aliases = {"flowgrpo_core" + name[len(core):]: module for name, module in list(sys.modules.items())
+               if name == core or name.startswith(core + ".")}
+    saved = {name: sys.modules[name] for name in aliases if name in sys.modules}
+    sys.modules.update(aliases)
+    try:
+        yield
+    finally:
+        for name in aliases:
+            if name in saved:
+                sys.modules[name] = saved[name]
+            else:
+                sys.modules.pop(name, None)
 
 
 def _error_line(path: Path, error: BaseException) -> str:
@@ -85,7 +97,6 @@ def discover_user_rewards(folders: Sequence[Path | str]) -> UserRewards:
     """Imports every ``*.py`` (not starting with ``_``) in ``folders`` (missing folders are skipped) and collects
     their backends. Two classes with the same name: the first file (alphabetical, first folder first) wins and
     the clash is reported."""
-    _expose_core()
     found = UserRewards()
     for folder in folders:
         folder = Path(folder)
@@ -95,7 +106,8 @@ def discover_user_rewards(folders: Sequence[Path | str]) -> UserRewards:
             if path.name.startswith("_"):
                 continue
             try:
-                module = _import(path)
+                with _core_visible():
+                    module = _import(path)
             except Exception as e:  # a broken user file must not take the pack down
                 found.errors.append(_error_line(path, e))
                 continue

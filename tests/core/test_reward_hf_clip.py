@@ -5,7 +5,6 @@ and checked against the towers run by hand here with this file's own preprocessi
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from flowgrpo_core.rewards.hf_clip import SPECS as CLIP_SPECS
 from flowgrpo_core.rewards.hf_clip import generated_clip_tokenizer, openai_bpe_path, read_image_config
 from flowgrpo_core.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from flowgrpo_core.rewards.weights import MissingWeightsError, WeightsFormatError
+from rewardkit import block_network
 from rewardkit.hf_clip_tiny import (PICKSCORE_MEAN, PICKSCORE_STD, TINY_IMAGE_SIZE, build_tiny_aesthetic,
                                     build_tiny_clip, build_tiny_pickscore, tiny_aesthetic_head_state)
 
@@ -44,11 +44,7 @@ def specs(monkeypatch):
 
 @pytest.fixture
 def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    block_network(monkeypatch)
 
 
 def images(batch: int, height: int = 48, width: int = 64, seed: int = 0) -> torch.Tensor:
@@ -121,6 +117,12 @@ def test_image_config_from_file_and_defaults(models_dir):
     hf_pixels = hf(images=[(i * 255).round().to(torch.uint8).permute(2, 0, 1) for i in imgs],
                    return_tensors="pt")["pixel_values"]
     assert hf_pixels.shape == ours.shape and (hf_pixels - ours).abs().max() < 0.05
+    # 48x64 to shortest side 32: the long side is 42.67, which HF truncates to 42 (rounding would shift the crop)
+    hf32 = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                              image_mean=list(PICKSCORE_MEAN), image_std=list(PICKSCORE_STD))
+    hf_pixels = hf32(images=[(i * 255).round().to(torch.uint8).permute(2, 0, 1) for i in imgs],
+                     return_tensors="pt")["pixel_values"]
+    assert (hf_pixels - same).abs().max() < 0.05
 
 
 def test_bad_preprocessor_config_is_refused(tmp_path):

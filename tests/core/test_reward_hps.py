@@ -6,7 +6,6 @@ no network during build and scoring."""
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import open_clip
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from rewardkit import block_network
 from rewardkit.open_clip_tiny import (TINY_ARCH, TINY_CONFIG, build_tiny_hps, build_tiny_open_clip_dir,
                                       register_tiny_arch)
 from safetensors.torch import load_file
@@ -29,14 +29,10 @@ PROMPTS = ["a photo of a red cat", "an oil painting of a lighthouse at night", "
            "two dogs", "a bowl of soup, studio lighting"]
 
 
-def _no_network(*args, **kwargs):
-    raise AssertionError("a reward backend tried to open a network connection")
-
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    monkeypatch.setattr(socket.socket, "connect", _no_network)
-    monkeypatch.setattr(socket, "create_connection", _no_network)
+    block_network(monkeypatch)
 
 
 @pytest.fixture(scope="module")

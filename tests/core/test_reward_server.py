@@ -216,25 +216,53 @@ def test_server_rejects_bad_requests_with_json_errors():
             assert json.loads(r.read()) == {"status": "ok", "backend": "brightness"}
 
 
-def test_serve_command_line():
+def _serve(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "flowgrpo_core.rewards", "serve", "--backend", "saturation",
-                             "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, "-m", "flowgrpo_core.rewards", "serve", *args, "--port", "0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextmanager
+def _served(*args: str):
+    """The URL of ``python -m flowgrpo_core.rewards serve ARGS`` once it prints its ``serving`` line."""
+    proc = _serve(*args)
     try:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
         line = lines.get(timeout=120).strip()
-        assert line.startswith("serving saturation on http://127.0.0.1:"), (line, proc.poll())
-        url = line.rsplit(" ", 1)[1]
-        images = _images(2)
-        scores = RemoteReward(url, timeout=30).score(images, ["a", "b"]).scores
-        assert torch.equal(scores, SimpleReward("saturation").score(_quantised(images), ["a", "b"]).scores)
+        assert line.startswith(f"serving {args[1]} on http://127.0.0.1:"), (line, proc.poll())
+        yield line.rsplit(" ", 1)[1]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_serve_command_line():
+    with _served("--backend", "saturation") as url:
+        images = _images(2)
+        scores = RemoteReward(url, timeout=30).score(images, ["a", "b"]).scores
+        assert torch.equal(scores, SimpleReward("saturation").score(_quantised(images), ["a", "b"]).scores)
+
+
+def test_serve_command_line_model_backend_and_missing_weights(tmp_path):
+    from rewardkit.hf_clip_tiny import build_tiny_pickscore
+
+    from flowgrpo_core.rewards.registry import build_backend
+
+    folder = build_tiny_pickscore(tmp_path / "models", name="my_pickscore")
+    models_dir = str(folder.parent)
+    images, prompts = _images(3), ["a red apple", "a cat", "text"]
+    with _served("--backend", "pickscore", "--weights", "my_pickscore", "--models-dir", models_dir) as url:
+        remote = RemoteReward(url, timeout=60).score(images, prompts).scores
+    local = build_backend("pickscore", "my_pickscore", [models_dir]).score(_quantised(images), prompts).scores
+    torch.testing.assert_close(remote, local, rtol=0, atol=1e-5)
+
+    proc = _serve("--backend", "pickscore", "--models-dir", models_dir)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and not out
+    assert "needs the folder 'PickScore_v1'" in err and models_dir in err and "yuvalkirstain/PickScore_v1" in err
 
 
 def test_too_large_request_is_a_clear_413_not_a_broken_pipe():
