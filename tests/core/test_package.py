@@ -53,6 +53,11 @@ def test_registry_metadata():
         assert comfy.get(key), key
     deps = " ".join(project["dependencies"])
     assert "peft" in deps and "safetensors" in deps and "torch" in deps
+    # what ComfyUI does not bring is declared alike for the registry, ComfyUI-Manager and the bootstrap
+    requirements = (ROOT / "requirements.txt").read_text()
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    for name in ("peft", "open_clip_torch", "rapidocr", "onnxruntime"):
+        assert name in deps and name in requirements and name in bootstrap, name
     spec = importlib.util.spec_from_file_location("core_init", ROOT / "flowgrpo_core" / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
