@@ -120,10 +120,17 @@ class ComfyClient:
         items = (queue.get("queue_running") or []) + (queue.get("queue_pending") or [])
         return any(len(item) > 1 and item[1] == prompt_id for item in items)
 
-    def finished_entry(self, prompt_id: str) -> Optional[dict]:
+    def finished_entry(self, prompt_id: str, timeout: float = 0.0) -> Optional[dict]:
         """The prompt's ``/history`` entry once it has finished (None before), raising the ComfyError that
-        :meth:`wait` would have raised for an interrupted or failed prompt (its status messages keep the events)."""
+        :meth:`wait` would have raised for an interrupted or failed prompt (its status messages keep the events).
+
+        ComfyUI stores the entry just *after* it sends the prompt's last websocket event, so a caller that has
+        seen that event passes a ``timeout`` (seconds) to poll until the entry is there."""
+        deadline = time.monotonic() + timeout
         entry = self.history(prompt_id)
+        while not entry and time.monotonic() < deadline:
+            time.sleep(0.05)
+            entry = self.history(prompt_id)
         for message in (entry.get("status") or {}).get("messages") or []:
             if isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict):
                 _raise_failure(prompt_id, message[0], message[1])

@@ -83,7 +83,7 @@ def test_interrupt_leaves_a_checkpoint_and_resume_continues(comfy_server, demo_m
         with pytest.raises(ComfyError) as err:
             client.wait(prompt_id, timeout=600, on_event=interrupt_after_two)
         with pytest.raises(ComfyError, match="was interrupted at node") as from_history:
-            client.finished_entry(prompt_id)  # the same outcome, read back from /history
+            client.finished_entry(prompt_id, timeout=30)  # the same outcome, read back from /history
     assert err.value.kind == "interrupted" and from_history.value.kind == "interrupted", err.value
     assert len(seen) >= 2 and seen == list(range(1, len(seen) + 1))
 
