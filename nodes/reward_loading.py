@@ -21,9 +21,9 @@ import torch
 
 from ..flowgrpo_core.rewards import SIMPLE_REWARDS, RewardBackend, RewardResult, SimpleReward
 from ..flowgrpo_core.rewards.base import TorchReward
-from ..flowgrpo_core.rewards.registry import BACKENDS, MissingDependencyError, build_backend
+from ..flowgrpo_core.rewards.registry import BACKENDS, build_backend
 from ..flowgrpo_core.rewards.user import UserRewards, build_user_reward, discover_user_rewards
-from ..flowgrpo_core.rewards.weights import WEIGHT_SUFFIXES, MissingWeightsError, WeightsFormatError
+from ..flowgrpo_core.rewards.weights import WEIGHT_SUFFIXES
 
 __all__ = ["WEIGHTS_FOLDER", "SCRIPTS_FOLDER", "DEFAULT_WEIGHTS", "register_folders", "weights_folders",
            "weights_options", "user_rewards", "backend_options", "build_reward", "ManagedReward",
@@ -66,7 +66,7 @@ def weights_options() -> list[str]:
     for root in weights_folders():
         if not root.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root):
             rel = Path(dirpath).relative_to(root)
             if rel != Path(".") and {"config.json", "open_clip_config.json"} & set(filenames):
                 found.add(rel.as_posix())
@@ -79,11 +79,18 @@ def weights_options() -> list[str]:
 _user_cache: dict[tuple, UserRewards] = {}
 
 
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # deleted between listing and stat
+        return -1
+
+
 def user_rewards() -> UserRewards:
     """The user rewards of the scripts folders; files are imported again only when one is added, removed or
     changed. Import errors are logged once per change."""
     folders = _folders(SCRIPTS_FOLDER)
-    key = tuple(sorted((str(p), p.stat().st_mtime_ns) for f in folders if f.is_dir() for p in f.glob("*.py")))
+    key = tuple(sorted((str(p), _mtime(p)) for f in folders if f.is_dir() for p in f.glob("*.py")))
     if key not in _user_cache:
         _user_cache.clear()
         found = discover_user_rewards(folders)
@@ -122,7 +129,9 @@ def build_reward(backend: str, weights: str = DEFAULT_WEIGHTS, device: str = "au
         return SimpleReward(backend)
     users = user_rewards().backends
     if backend in users:
-        reward = build_user_reward(users[backend], device=torch.device("cpu"), dtype=compute_dtype)
+        cls = users[backend]  # a TorchReward is built on the CPU and moved by model management; others get the device
+        reward = build_user_reward(cls, device="cpu" if issubclass(cls, TorchReward) else load_device,
+                                   dtype=compute_dtype)
     elif backend in BACKENDS:
         choice = "" if weights in ("", DEFAULT_WEIGHTS) else weights
         reward = build_backend(backend, choice, weights_folders(), torch.device("cpu"), compute_dtype)
@@ -157,7 +166,9 @@ class ManagedReward(RewardBackend):
                metadata: Optional[Sequence[dict]]) -> RewardResult:
         import comfy.model_management
 
-        comfy.model_management.load_models_gpu([self.patcher])
+        # fully: reward towers are plain modules (no ComfyUI cast-on-the-fly layers), so a partial load would leave
+        # some weights on the offload device
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         return self.inner.score(images, prompts, metadata)
 
     @property
@@ -188,5 +199,3 @@ def offload_reward_models() -> int:
         comfy.model_management.soft_empty_cache()
     return len(loaded)
 
-
-LOAD_ERRORS = (ValueError, MissingWeightsError, WeightsFormatError, MissingDependencyError)

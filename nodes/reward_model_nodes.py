@@ -83,7 +83,8 @@ def prompts_for(backend: RewardBackend, groups: Optional[PromptBatch], images: t
 def score_images(backend: RewardBackend, images: torch.Tensor, groups: Optional[PromptBatch] = None,
                  name: str = "", scale: float = 1.0, node: str = SCORE_NODE) -> Rewards:
     """``Rewards`` of ``scale * backend.score(images, prompts, metadata)`` with one component ``name`` (empty: the
-    backend's name); ``metadata`` is the prompts' JSONL records (:class:`~flowgrpo_core.prompts.Prompt`), if any. A backend's ValueError (a bad batch, an unreachable server, ...) becomes a node error with its message."""
+    backend's name); ``metadata`` is the prompts' JSONL records (:class:`~flowgrpo_core.prompts.Prompt`), if any.
+    A backend's ValueError (a bad batch, an unreachable server, ...) becomes a node error with its message."""
     if not isinstance(backend, RewardBackend):
         raise node_error(node, f"reward_model is a {type(backend).__name__}, not a reward backend",
                          "connect FlowGRPO Load Reward Model or FlowGRPO Reward Server")

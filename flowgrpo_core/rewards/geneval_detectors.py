@@ -21,7 +21,6 @@ All weights sit in the one ``OwlViTForObjectDetection`` module, so :class:`OwlVi
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -30,21 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from .base import RewardResult, TorchReward
+from .hf_clip import pooled
 from .geneval import GENEVAL_COLORS, Detection, GenEvalRules, checked_metadata, classes_of, evaluate_batch
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_shortest_and_center_crop, to_nchw
 from .registry import require
-from .weights import MissingWeightsError, WeightsFormatError, find_weights
+from .weights import MissingWeightsError, WeightsFormatError, find_weights, read_json
 
 __all__ = ["OWLVIT_SOURCE", "COLOR_TEMPLATES", "OwlViTDetector", "OwlViTGenEvalReward", "load_owlvit",
            "build_owlvit_geneval", "crop_bounds"]
 
 OWLVIT_SOURCE = "https://huggingface.co/google/owlvit-base-patch32"
 COLOR_TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}", "a photo of a {color} object")
-
-
-def _pooled(output: Any) -> torch.Tensor:
-    """The projected embedding of ``get_*_features`` (transformers 5 returns an output object)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def crop_bounds(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
@@ -114,7 +109,7 @@ class OwlViTDetector:
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised projected text embeddings ``[n, D]`` (float32)."""
         ids, mask = self.tokens(texts)
-        return F.normalize(_pooled(self.model.owlvit.get_text_features(input_ids=ids, attention_mask=mask)).float(),
+        return F.normalize(pooled(self.model.owlvit.get_text_features(input_ids=ids, attention_mask=mask)).float(),
                            dim=-1)
 
     def crop_embeddings(self, image: torch.Tensor, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -128,7 +123,7 @@ class OwlViTDetector:
         out = []
         for start in range(0, len(crops), self.crop_batch):
             chunk = torch.cat(crops[start:start + self.crop_batch]).to(self.device, self.dtype)
-            out.append(_pooled(self.model.owlvit.get_image_features(pixel_values=chunk)).float())
+            out.append(pooled(self.model.owlvit.get_image_features(pixel_values=chunk)).float())
         return F.normalize(torch.cat(out), dim=-1)
 
     def color_classifier(self, class_name: str) -> torch.Tensor:
@@ -205,20 +200,13 @@ class OwlViTGenEvalReward(TorchReward):
         return evaluate_batch(detections, metadata, self.rules)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise WeightsFormatError(f"reward 'geneval': cannot read {path}: {e}") from None
-
-
 def _image_stats(folder: Path) -> dict:
     """The image processor settings: ``preprocessor_config.json`` (hub layout) or the ``image_processor`` entry of
     ``processor_config.json`` (transformers 5 ``save_pretrained``); empty when neither exists."""
     if (folder / "preprocessor_config.json").is_file():
-        return _read_json(folder / "preprocessor_config.json")
+        return read_json(folder / "preprocessor_config.json", "geneval")
     if (folder / "processor_config.json").is_file():
-        return _read_json(folder / "processor_config.json").get("image_processor", {})
+        return read_json(folder / "processor_config.json", "geneval").get("image_processor", {})
     return {}
 
 
@@ -229,7 +217,7 @@ def load_owlvit(folder: Path | str, device: torch.device | str = "cpu", dtype: t
     :class:`~.weights.WeightsFormatError` when the folder holds another model or weights that do not fit."""
     transformers = require("transformers", "transformers", "geneval")
     folder = Path(folder)
-    config = _read_json(find_weights("config.json", [folder], reward="geneval", source=OWLVIT_SOURCE))
+    config = read_json(find_weights("config.json", [folder], reward="geneval", source=OWLVIT_SOURCE), "geneval")
     if not any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
         raise MissingWeightsError("geneval", "model.safetensors", [folder], OWLVIT_SOURCE)
     if not (folder / "tokenizer.json").is_file():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +34,7 @@ import torch
 from .base import RewardResult, TorchReward
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_shortest_and_center_crop
 from .registry import RewardSpec, require
-from .weights import MissingWeightsError, WeightsFormatError, find_weights
+from .weights import MissingWeightsError, WeightsFormatError, find_weights, read_json
 
 __all__ = ["ClipImageConfig", "read_image_config", "openai_bpe_path", "generated_clip_tokenizer",
            "load_clip_tokenizer", "load_clip_model", "pooled", "ClipSimilarityReward", "build_pickscore",
@@ -84,7 +83,7 @@ def read_image_config(folder: Path, image_size: int) -> ClipImageConfig:
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return ClipImageConfig(image_size, image_size)
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json(path, "clip")
     crop = _side(cfg.get("crop_size", image_size), path, "crop_size")
     resize = _side(cfg.get("size", crop), path, "size")
     mean, std = tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD))
@@ -145,13 +144,13 @@ def load_clip_model(folder: Path, device: torch.device, dtype: torch.dtype, rewa
     :class:`WeightsFormatError`."""
     folder = Path(folder)
     config_path = find_weights("config.json", [folder], reward=reward, source=source)
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    model_type = read_json(config_path, reward).get("model_type")
     if model_type != "clip":
         raise WeightsFormatError(f"reward {reward!r}: {folder} holds a {model_type!r} model, not a CLIP model "
                                  f"(config.json model_type must be 'clip'). Get the weights from {source}.")
     transformers = require("transformers", "transformers", reward)
     try:
-        model, info = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
+        model, info = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True,
                                                              output_loading_info=True)
     except Exception as e:  # OSError (no weights file), SafetensorError, torch.load errors ...
         raise WeightsFormatError(f"reward {reward!r}: cannot load the CLIP model in {folder}: "
@@ -161,7 +160,7 @@ def load_clip_model(folder: Path, device: torch.device, dtype: torch.dtype, rewa
         raise WeightsFormatError(f"reward {reward!r}: the weights in {folder} do not fit its config.json "
                                  f"({len(missing)} missing keys, e.g. {missing[:3]}; mismatched: "
                                  f"{sorted(info.get('mismatched_keys') or [])[:3]})")
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def pooled(output: Any) -> torch.Tensor:

@@ -36,7 +36,6 @@ Files (a folder under ``models/reward_models/``, default ``ImageReward/``):
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import re
 from pathlib import Path
@@ -49,7 +48,8 @@ from .aesthetic import AestheticHead
 from .base import RewardResult, TorchReward
 from .preprocess import resize_shortest_and_center_crop
 from .registry import RewardSpec, require
-from .weights import MissingWeightsError, WeightsFormatError, find_weights, load_state_dict, load_strict
+from .weights import (MissingWeightsError, WeightsFormatError, find_weights, load_state_dict, load_strict,
+                      read_json)
 
 __all__ = ["ImageRewardModel", "ImageReward", "build_image_reward", "remap_upstream_keys", "blip_configs",
            "blip_model", "load_bert_tokenizer", "IMAGE_REWARD_WEIGHTS", "IMAGE_REWARD_SOURCE", "BERT_VOCAB_SOURCE",
@@ -170,13 +170,7 @@ def _read_med_config(folder: Path) -> dict:
     path = folder / "med_config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise WeightsFormatError(f"reward {NAME!r}: cannot read {path}: {e}") from None
-    if not isinstance(config, dict):
-        raise WeightsFormatError(f"reward {NAME!r}: {path} is not a JSON object")
-    return config
+    return read_json(path, NAME)
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:

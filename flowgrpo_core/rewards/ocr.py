@@ -77,11 +77,10 @@ def _bundled_model(folder: Path, kind: str) -> Path:
     for name in BUNDLED_MODELS[kind]:
         if (folder / name).is_file():
             return folder / name
-    found = sorted(folder.glob(f"*{kind}*.onnx"))
-    if len(found) == 1:
-        return found[0]
+    found = sorted(folder.glob(f"*{kind}*.onnx"))  # only the known files carry their character list (no download)
     raise FileNotFoundError(
-        f"reward 'ocr': no single bundled {kind} model in {folder} (found {[p.name for p in found]}); the rapidocr "
+        f"reward 'ocr': the bundled {kind} model {BUNDLED_MODELS[kind]} is not in {folder} (found "
+        f"{[p.name for p in found]}); the rapidocr "
         "wheel ships its models there. Reinstall it: python -m pip install --force-reinstall rapidocr")
 
 

@@ -23,7 +23,6 @@ differs by about 0.01-0.04 in normalised units).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,7 +34,8 @@ from .base import RewardResult, TorchReward
 from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longest_and_pad,
                          resize_shortest_and_center_crop, to_nchw)
 from .registry import RewardSpec, require
-from .weights import MissingWeightsError, WeightsFormatError, find_weights, load_state_dict, load_strict
+from .weights import (MissingWeightsError, WeightsFormatError, find_weights, load_state_dict, load_strict,
+                      read_json)
 
 __all__ = ["OpenClipReward", "build_open_clip", "image_size_of", "load_open_clip_dir", "clip_preprocessor",
            "OPEN_CLIP_SOURCE", "OPEN_CLIP_DEFAULT_DIR", "OPEN_CLIP_WEIGHT_NAMES", "SPECS"]
@@ -135,10 +135,10 @@ def load_open_clip_dir(folder: Path, reward: str, source: str = OPEN_CLIP_SOURCE
     weights = [folder / n for n in OPEN_CLIP_WEIGHT_NAMES if (folder / n).is_file()]
     if not weights:
         raise MissingWeightsError(reward, OPEN_CLIP_WEIGHT_NAMES[0], [folder], source)
+    config = read_json(config_path, reward)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
         model_cfg = config["model_cfg"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise WeightsFormatError(f"{config_path} is not an open_clip config with a 'model_cfg' ({e})") from None
     if "hf_model_name" in model_cfg.get("text_cfg", {}):
         raise WeightsFormatError(f"{config_path}: open_clip models with a Hugging Face text tower are not "

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["MissingWeightsError", "WeightsFormatError", "find_weights", "load_state_dict", "load_strict",
+__all__ = ["MissingWeightsError", "WeightsFormatError", "find_weights", "load_state_dict", "load_strict", "read_json",
            "PICKLE_SUFFIXES", "WEIGHT_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -83,6 +83,19 @@ def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
             f"{path} cannot be read with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "Convert it to .safetensors in a trusted environment and load that instead.") from None
     return _unwrap(obj, path)
+
+
+def read_json(path: Path | str, reward: str) -> dict:
+    """The JSON object in ``path`` (a model's config); :class:`WeightsFormatError` naming the file otherwise."""
+    import json
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsFormatError(f"reward {reward!r}: cannot read {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise WeightsFormatError(f"reward {reward!r}: {path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], reward: str,

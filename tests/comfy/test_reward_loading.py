@@ -175,7 +175,8 @@ def test_missing_weights_name_the_folder_and_file_and_a_present_file_loads_and_s
                                         iteration=0, group_size=1)
         rewards, _, _ = run("FlowGRPOScoreImages", reward_model=model, images=images, groups=groups, name="",
                             scale=1.0)
-        torch.testing.assert_close(rewards.values, direct) and rewards.components[0][0] == "hpsv2"
+        torch.testing.assert_close(rewards.values, direct)
+        assert rewards.components[0][0] == "hpsv2"
         assert bool((rewards.values.abs() <= 1.0).all())  # a cosine
     finally:
         path.unlink(missing_ok=True)
