@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .base import RewardResult, TorchReward
 from .hf_clip import pooled
 from .geneval import GENEVAL_COLORS, Detection, GenEvalRules, checked_metadata, classes_of, evaluate_batch
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_shortest_and_center_crop, to_nchw
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_shortest_and_center_crop, resize_squash
 from .registry import require
 from .weights import MissingWeightsError, WeightsFormatError, find_weights, read_json
 
@@ -94,11 +94,7 @@ class OwlViTDetector:
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, C]`` in [0, 1] -> ``[B, 3, S, S]`` normalised detector input (in :attr:`dtype`)."""
-        x = to_nchw(images)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0, 1)
-        return normalize(x, self.mean, self.std).to(self.dtype)
+        return resize_squash(images, self.image_size, self.mean, self.std).to(self.dtype)
 
     def tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` ``[n, L]`` (padded to the text tower's length) on :attr:`device`."""

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .base import RewardResult, TorchReward
-from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longest_and_pad,
-                         resize_shortest_and_center_crop, to_nchw)
+from .preprocess import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_longest_and_pad, resize_shortest_and_center_crop,
+                         resize_squash)
 from .registry import RewardSpec, require
 from .weights import (MissingWeightsError, WeightsFormatError, find_weights, load_state_dict, load_strict,
                       read_json)
@@ -121,8 +120,7 @@ def clip_preprocessor(cfg: dict) -> Preprocess:
     if mode == "longest":
         return lambda images: resize_longest_and_pad(images, size, mean, std)
     if mode == "squash":
-        return lambda images: normalize(F.interpolate(to_nchw(images), size=(size, size), mode="bicubic",
-                                                      align_corners=False, antialias=True).clamp(0, 1), mean, std)
+        return lambda images: resize_squash(images, size, mean, std)
     raise WeightsFormatError(f"open_clip resize_mode {mode!r} is not supported (shortest, longest, squash)")
 
 

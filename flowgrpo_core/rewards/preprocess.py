@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "to_nchw", "normalize", "resize_longest_and_pad",
-           "resize_shortest_and_center_crop"]
+           "resize_shortest_and_center_crop", "resize_squash"]
 
 #: OpenAI CLIP's normalisation (also used by open_clip ViT-H-14, PickScore, ImageReward's BLIP).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,6 +37,12 @@ def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if (x.shape[-2], x.shape[-1]) == (height, width):
         return x
     return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def resize_squash(images: torch.Tensor, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                  std: Sequence[float] = OPENAI_CLIP_STD) -> torch.Tensor:
+    """Plain resize to ``size x size`` (bicubic, aspect ratio not kept), then normalise with ``mean``/``std``."""
+    return normalize(_resize(to_nchw(images), size, size), mean, std)
 
 
 def resize_longest_and_pad(images: torch.Tensor, size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
