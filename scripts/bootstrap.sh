@@ -23,7 +23,8 @@ COMFY_REQS=(torchsde einops "transformers>=4.50.3" "tokenizers>=0.13.3" sentence
   "numpy>=1.25" "pydantic~=2.0" "pydantic-settings~=2.0" "kornia>=0.7.1" spandrel
   comfyui-frontend-package==1.32.9 comfyui-workflow-templates==0.7.25 comfyui-embedded-docs==0.3.1)
 # Reward backends: open_clip (HPSv2, CLIP score), rapidocr + onnxruntime (OCR; its models ship in the wheel).
-PACK_REQS=(peft pytest websocket-client "open_clip_torch>=3,<4" "rapidocr>=3,<4" onnxruntime)
+# tensorboard: the pack's optional TensorBoard logging (pyproject's [tensorboard] extra), here for its tests.
+PACK_REQS=(peft pytest websocket-client "open_clip_torch>=3,<4" "rapidocr>=3,<4" onnxruntime tensorboard)
 # Test-only: the fixed hpsv2 sdist as the HPSv2 parity oracle. Installed without its dependencies, which pin
 # pytest and protobuf (see docs/reward-models.md); clint is the one import it needs beyond ours.
 TEST_REQS=(hpsv2x==1.2.0 clint args)
