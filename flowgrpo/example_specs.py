@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from flowgrpo_core.presets import builtin_presets
+
 from .demo_models import DEMO_FILES
 from .graph import Graph
 
@@ -67,23 +69,24 @@ def sd3_tiny_text_to_image() -> Graph:
     return g
 
 
-#: the tiny demo's training settings (tuned so the reward rises within 20 iterations on 2 CPU cores)
+#: the tiny demo's training settings: the ``tiny_demo`` preset (tuned so the reward rises within 20 iterations on 2
+#: CPU cores) plus the inputs a preset does not carry; the train node's widgets show the same values the preset sets
 TINY_DEMO_TRAIN = dict(
+    builtin_presets()["tiny_demo"].values,
     prompts="a red square\na blue circle\na green triangle\na yellow star\na white cloud\na black cat",
-    negative_prompt="", prompts_per_iteration=2, group_size=4, width=128, height=128, steps=8, scheduler="simple",
-    sde_kind="flow_sde", noise_level=0.7, cfg=4.5, step_mode="fraction", train_fraction=0.99, reward="redness",
-    clip_range=0.2, kl_beta=0.0, rank=8, alpha=8.0, targets="attention_mlp", learning_rate=1e-2, iterations=20,
-    save_every=10, run_name="flowgrpo_tiny_demo", resume="none", seed=0)
+    scheduler="simple", run_name="flowgrpo_tiny_demo", resume="none", seed=0)
 
 
 @example("flowgrpo_tiny_demo", """## FlowGRPO tiny demo: GRPO on CPU in minutes
 
-The README's main job. **FlowGRPO GRPO Train** fine-tunes a LoRA on the pack's tiny SD3-architecture model (random
+The README's main job. **FlowGRPO Training Preset** (`tiny_demo`) feeds **FlowGRPO GRPO Train**, which fine-tunes a LoRA on the pack's tiny SD3-architecture model (random
 weights, through the stock UNETLoader), with a random CLIP-L (stock CLIPLoader) and a random 16-channel TAESD VAE
 (stock VAELoader). Each iteration draws 2 prompts x 4 images, samples them with the Flow-GRPO SDE (8 steps, noise
 0.7, CFG 4.5), decodes them, scores their **redness** and takes one GRPO step. The mean reward rises within 20
 iterations; the LoRA lands in `models/loras/flowgrpo_tiny_demo_00020.safetensors` and the reward curve in
-`output/flowgrpo/`.
+`output/flowgrpo/`, the per-iteration metrics in `output/flowgrpo/flowgrpo_tiny_demo/metrics.jsonl`. Settings
+from a connected preset replace the train node's widgets of the same name; change them in the preset's `overrides`
+(e.g. `group_size = 8`).
 
 Headless: `bash scripts/demo.sh` (or `python -m flowgrpo demo`), which builds the tiny models first.""")
 def flowgrpo_tiny_demo() -> Graph:
@@ -91,7 +94,9 @@ def flowgrpo_tiny_demo() -> Graph:
     model = g.add("UNETLoader", unet_name=DEMO_MODEL, weight_dtype="default")
     clip = g.add("CLIPLoader", clip_name=DEMO_TEXT_ENCODER, type="sd3", device="default")
     vae = g.add("VAELoader", vae_name=DEMO_VAE)
-    train = g.add("FlowGRPOTrain", "GRPO Train", model=model, clip=clip, vae=vae, **TINY_DEMO_TRAIN)
+    preset = g.add("FlowGRPOPreset", "Training preset", preset="tiny_demo", overrides="")
+    train = g.add("FlowGRPOTrain", "GRPO Train", model=model, clip=clip, vae=vae, preset=preset.out(0),
+                  **TINY_DEMO_TRAIN)
     g.add("PreviewImage", "Reward curve", images=train.out(3))
     g.add("PreviewImage", "Last iteration's groups", images=train.out(4))
     return g

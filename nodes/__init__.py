@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (loop_nodes, lora_nodes, prompt_nodes, reward_loading, reward_model_nodes, reward_nodes, rollout_nodes,
-               sampler_nodes, train_nodes, update_nodes)
+from . import (loop_nodes, lora_nodes, metrics_nodes, preset_nodes, prompt_nodes, reward_loading, reward_model_nodes,
+               reward_nodes, rollout_nodes, sampler_nodes, train_nodes, update_nodes)
 
 reward_loading.register_folders()  # models/reward_models and models/reward_scripts
 reward_loading.user_rewards()  # discover user rewards at start (import errors are logged here)
@@ -24,7 +24,9 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     *reward_nodes.NODES,
     *reward_model_nodes.NODES,
     *update_nodes.NODES,
+    *preset_nodes.NODES,
     *train_nodes.NODES,
+    *metrics_nodes.NODES,
     *lora_nodes.NODES,
     *loop_nodes.NODES,
 ]

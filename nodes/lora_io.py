@@ -4,9 +4,11 @@ Files live in the first ``loras`` folder (``folder_paths.get_folder_paths("loras
 
 * ``<prefix>_<iteration:05d>.safetensors``: the LoRA, ComfyUI-native keys ``diffusion_model.<path>.lora_up.weight``
   / ``.lora_down.weight`` / ``.alpha`` in fp32, nothing else; stock ``LoraLoaderModelOnly`` lists and loads it.
-* ``<same stem>.flowgrpo-state``: its training state (optimizer, iteration, history, settings; safetensors inside,
-  ``flowgrpo_core.checkpoint``). ComfyUI does not list this extension as a LoRA. Written last, so its presence means
-  the pair is complete; only pairs can be resumed.
+* ``<same stem>.flowgrpo-state``: its training state (safetensors inside, ``flowgrpo_core.checkpoint``): optimizer,
+  iteration, history, settings, and in ``extra`` the live LoRA values (``live_lora``), the EMA (``ema``), the global
+  random states (``rng``, :mod:`flowgrpo_core.rng`) and the run's settings (``trainer_extra.run_config``). ComfyUI
+  does not list this extension as a LoRA. Written last, so its presence means the pair is complete; only pairs can
+  be resumed. With EMA on, the LoRA file holds the averaged weights and the live ones travel in the state.
 * ``<same stem>.peft.safetensors`` (export "peft"): the same LoRA in PEFT / diffusers keys
   ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, built from the keys ComfyUI's own
   loader accepts (``comfy.lora.model_lora_keys_unet``: ``comfy.utils.mmdit_to_diffusers`` for SD3,
@@ -34,6 +36,8 @@ from ..flowgrpo_core.checkpoint import (
     peft_from_comfy,
     training_state_payload,
 )
+from ..flowgrpo_core.ema import LoraEMA
+from ..flowgrpo_core.rng import capture_rng_state, restore_rng_state
 from .comfy_policy import LORA_TARGETS, attach_trainable_lora, model_family
 from .model_adapter import require_flow_model
 from .state import CHECKPOINT_EVENT, LoraSettings, TrainerState, emit, node_error
@@ -41,7 +45,7 @@ from .state import CHECKPOINT_EVENT, LoraSettings, TrainerState, emit, node_erro
 __all__ = [
     "INIT_NODE", "SAVE_NODE", "APPLY_NODE", "STATE_SUFFIX", "PEFT_SUFFIX", "PEFT_PREFIX",
     "loras_root", "state_path_for", "resume_options", "find_latest_checkpoint",
-    "make_trainer_state", "save_checkpoint", "lora_state_dict", "peft_key_map", "peft_state_dict", "apply_lora",
+    "make_trainer_state", "save_checkpoint", "lora_state_dict", "live_state_dict", "trainable_params", "peft_key_map", "peft_state_dict", "apply_lora",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,10 +129,24 @@ def find_latest_checkpoint(run_name: str) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- LoRA values
-def lora_state_dict(state: TrainerState) -> dict[str, torch.Tensor]:
-    """Detached CPU fp32 copies of the LoRA, ComfyUI-native keys (what the LoRA file holds; a stock LORA_MODEL)."""
+def live_state_dict(state: TrainerState) -> dict[str, torch.Tensor]:
+    """Detached CPU fp32 copies of the live (trained) LoRA, ComfyUI-native keys."""
     with torch.no_grad():
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.lora_params.items()}
+
+
+def lora_state_dict(state: TrainerState) -> dict[str, torch.Tensor]:
+    """The LoRA to save and apply, ComfyUI-native keys, CPU fp32 copies (a stock LORA_MODEL): the EMA weights when
+    the trainer keeps an EMA (the ``.alpha`` entries are the live ones: they are not trained), else the live ones."""
+    values = live_state_dict(state)
+    if state.ema is not None:
+        values.update(state.ema.copy())
+    return values
+
+
+def trainable_params(state: TrainerState) -> dict[str, torch.Tensor]:
+    """The trained tensors of the LoRA (``lora_up`` / ``lora_down``), by key."""
+    return {k: v for k, v in state.lora_params.items() if k.endswith(_TRAINABLE)}
 
 
 def peft_key_map(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, list[tuple[str, Optional[tuple[int, int]]]]]:
@@ -220,7 +238,9 @@ def _restore(state: TrainerState, lora_file: Path, saved: TrainingStateFile, nod
     trainable = [k for k in state.lora_params if k.endswith(_TRAINABLE)]
     if saved.extra.get("trainable_keys") != trainable:
         raise node_error(node, f"checkpoint {lora_file.name} was trained on a model with other layers", fix)
-    values = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
+    values = saved.extra.get("live_lora")  # the live weights; older states (and EMA-free runs) match the LoRA file
+    if not isinstance(values, dict):
+        values = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
     if set(values) != set(state.lora_params):
         raise node_error(node, f"{lora_file.name} does not hold this LoRA's tensors "
                                f"({len(set(values) ^ set(state.lora_params))} keys differ)", fix)
@@ -237,15 +257,41 @@ def _restore(state: TrainerState, lora_file: Path, saved: TrainingStateFile, nod
                              fix) from exc
     for group in state.optimizer.param_groups:  # this node's learning rate wins over the saved one
         group["lr"] = state.settings.learning_rate
+    if saved.extra.get("rng") is not None:
+        try:
+            restore_rng_state(saved.extra["rng"])
+        except ValueError as exc:
+            log.warning("%s: the random state in %s was not restored (%s)", node, lora_file.name, exc)
     log.info("%s: resumed %s at iteration %d", node, lora_file.name, saved.iteration)
     return dataclasses.replace(state, iteration=int(saved.iteration), history=tuple(dict(h) for h in saved.history),
                                checkpoint=str(lora_file), saved_iteration=int(saved.iteration),
                                extra=dict(saved.extra.get("trainer_extra", {})))
 
 
+def _restore_ema(ema: LoraEMA, saved: Any, lora_file: Path, node: str) -> None:
+    """Continue the checkpoint's EMA (its averages and update count; this node's decay and interval), or start the
+    average from the resumed weights when the checkpoint has none."""
+    if not isinstance(saved, dict):
+        log.info("%s: %s has no EMA; the average starts from the resumed weights", node, lora_file.name)
+        return
+    decay, every, warmup = ema.decay, ema.update_every, ema.warmup
+    try:
+        with torch.inference_mode(False):
+            ema.load_state_dict(saved)
+    except ValueError as exc:
+        raise node_error(node, f"the EMA in {state_path_for(lora_file).name} does not fit this LoRA ({exc})",
+                         "resume from a checkpoint of the same model and settings, or set resume to 'none'") from exc
+    ema.decay, ema.update_every, ema.warmup = decay, every, warmup
+
+
 def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, learning_rate: float, seed: int,
-                       run_name: str, resume: str = "none", node: str = INIT_NODE) -> TrainerState:
+                       run_name: str, resume: str = "none", ema_decay: float = 0.0, ema_every: int = 1,
+                       node: str = INIT_NODE) -> TrainerState:
     """A new :class:`TrainerState`: a trainable LoRA on a clone of ``model`` and its AdamW optimizer.
+
+    ``ema_decay > 0`` keeps an EMA of the LoRA (:class:`flowgrpo_core.ema.LoraEMA`, updated after every
+    ``ema_every``-th GRPO update, Flow-GRPO's warm-up ``min(decay, (1 + n) / (10 + n))``); saving and applying then
+    use the averaged weights.
 
     ``resume``: "none"; "latest" (the newest checkpoint named ``<run_name>_*``; none found: start fresh); or a name
     from :func:`resume_options`. Resuming copies the saved LoRA into the live adapters and restores the optimizer,
@@ -259,6 +305,10 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
         raise node_error(node, str(exc), "connect a flow-matching MODEL (SD3, FLUX or Qwen-Image) from a stock "
                                          "loader such as UNETLoader") from exc
     _check_inputs(rank, alpha, targets, learning_rate, node)
+    if ema_decay and not (0.0 < float(ema_decay) < 1.0 and int(ema_every) >= 1):
+        raise node_error(node, f"ema_decay {ema_decay} with ema_every {ema_every} is not an EMA",
+                         "set ema_decay in (0, 1) (Flow-GRPO: 0.9) and ema_every >= 1 (Flow-GRPO: 8), or ema_decay 0 "
+                         "for no EMA")
     run_name = _safe_prefix(run_name, node, "run_name")
     settings = LoraSettings(rank=int(rank), alpha=float(alpha), targets=targets, seed=int(seed),
                             learning_rate=float(learning_rate), family=family)
@@ -272,7 +322,15 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
                                       eps=1e-8)
     state = TrainerState(base_model=model, patcher=patcher, lora_params=params, optimizer=optimizer,
                          settings=settings, run_name=run_name)
-    return _restore(state, lora_file, saved, node) if saved is not None else state
+    if saved is not None:
+        state = _restore(state, lora_file, saved, node)
+    if not ema_decay:
+        return state
+    with torch.inference_mode(False):
+        ema = LoraEMA(trainable_params(state), decay=float(ema_decay), update_every=int(ema_every))
+    if saved is not None:
+        _restore_ema(ema, saved.extra.get("ema"), lora_file, node)
+    return dataclasses.replace(state, ema=ema)
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -300,14 +358,17 @@ def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = Non
             state.optimizer, iteration=state.iteration, history=[dict(h) for h in state.history],
             settings=dataclasses.asdict(s),
             extra={"run_name": state.run_name, "lora_file": lora_path.name, "trainable_keys": trainable,
-                   "trainer_extra": dict(state.extra)})
+                   "trainer_extra": dict(state.extra), "live_lora": live_state_dict(state),
+                   "ema": state.ema.state_dict() if state.ema is not None else None,
+                   "rng": capture_rng_state()})
     except TypeError as exc:
         raise node_error(node, f"the trainer holds a value that cannot be saved ({exc})",
                          "keep only tensors, numbers, strings and lists/dicts of them in the trainer's history "
                          "and extra") from exc
     lora_meta = {"format": "pt", "flowgrpo.family": s.family, "flowgrpo.rank": str(s.rank),
                  "flowgrpo.alpha": repr(s.alpha), "flowgrpo.targets": s.targets,
-                 "flowgrpo.iteration": str(state.iteration), "flowgrpo.run_name": state.run_name}
+                 "flowgrpo.iteration": str(state.iteration), "flowgrpo.run_name": state.run_name,
+                 "flowgrpo.weights": "ema" if state.ema is not None else "live"}
 
     lora_path.parent.mkdir(parents=True, exist_ok=True)
     state_path.unlink(missing_ok=True)

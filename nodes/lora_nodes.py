@@ -20,6 +20,19 @@ __all__ = ["FlowGRPOLoRAInit", "FlowGRPOSaveLoRA", "FlowGRPOApplyLoRA"]
 _TRAINER_TOOLTIP = "The FlowGRPO trainer (from FlowGRPO LoRA Init or a GRPO update node)."
 
 
+def ema_inputs() -> list:
+    """The EMA widgets (LoRA Init and the all-in-one train node); optional, so workflows saved before they existed
+    still validate."""
+    return [
+        io.Float.Input("ema_decay", optional=True, default=0.0, min=0.0, max=0.9999, step=0.001,
+                       tooltip="EMA of the LoRA weights (Flow-GRPO: 0.9, DanceGRPO: 0.995); saved files, the applied "
+                               "LoRA and evaluation use the average, rollouts the live weights. 0: no EMA."),
+        io.Int.Input("ema_every", optional=True, default=1, min=1, max=10000,
+                     tooltip="Update the EMA every N GRPO updates (Flow-GRPO: 8), with Flow-GRPO's warm-up "
+                             "decay min(ema_decay, (1 + n) / (10 + n))."),
+    ]
+
+
 class FlowGRPOLoRAInit(AlwaysRun):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -52,10 +65,11 @@ class FlowGRPOLoRAInit(AlwaysRun):
                                         "run_name (a new run if there is none). Or pick a saved checkpoint: LoRA, "
                                         "optimizer, iteration and history are restored (same rank, alpha, targets "
                                         "and model family required).")),
+                *ema_inputs(),
             ],
             outputs=[
                 io.Custom(TRAINER).Output(display_name="trainer",
-                                          tooltip="The trainer: LoRA, optimizer, iteration and history."),
+                                          tooltip="The trainer: LoRA, optimizer, EMA, iteration and history."),
                 io.Model.Output(display_name="model",
                                 tooltip="The model with the trainable LoRA: use it to sample rollouts."),
             ],
@@ -64,9 +78,10 @@ class FlowGRPOLoRAInit(AlwaysRun):
 
     @classmethod
     def execute(cls, model, rank: int, alpha: float, targets: str, learning_rate: float, seed: int, run_name: str,
-                resume: str = "none") -> io.NodeOutput:
+                resume: str = "none", ema_decay: float = 0.0, ema_every: int = 1) -> io.NodeOutput:
         state = make_trainer_state(model, rank=rank, alpha=alpha, targets=targets, learning_rate=learning_rate,
-                                   seed=seed, run_name=run_name, resume=resume, node=INIT_NODE)
+                                   seed=seed, run_name=run_name, resume=resume, ema_decay=ema_decay,
+                                   ema_every=ema_every, node=INIT_NODE)
         return io.NodeOutput(state, state.patcher)
 
 

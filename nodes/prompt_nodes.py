@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "resolve_prompt_file",
     "read_prompts",
+    "encode_texts",
     "encode_text",
     "batch_conditionings",
     "encode_prompt_batch",
@@ -241,19 +242,28 @@ def encode_prompt_batch(clip: Any, prompts: list[str], negative_prompt: str, pro
         raise node_error(node, str(exc), "check prompts_per_iteration, group_size and iteration") from None
 
     chosen = [prompts[i] for i in batch.prompts.tolist()]
-    encoded: dict[str, list] = {}
-    for text in [*chosen, negative_prompt]:
-        if text not in encoded:
-            encoded[text] = encode_text(clip, text, node)
-    try:
-        positive = batch_conditionings([encoded[t] for t in chosen], batch.group_size)
-        negative = batch_conditionings([encoded[negative_prompt]], batch.global_size)
-    except PromptError as exc:
-        raise node_error(node, exc.problem, exc.fix) from None
+    positive, negative = encode_texts(clip, chosen, negative_prompt, batch.group_size, flux_guidance, node)
     indices = tuple(batch.prompt_indices.tolist())
     groups = PromptBatch(texts=tuple(prompts[i] for i in indices), group_ids=batch.group_ids.clone(),
                          prompt_indices=indices, iteration=batch.iteration, group_size=batch.group_size)
-    return _with_guidance(positive, flux_guidance), _with_guidance(negative, flux_guidance), groups
+    return positive, negative, groups
+
+
+def encode_texts(clip: Any, texts: list[str], negative_prompt: str, repeats: int, flux_guidance: float,
+                 node: str = NODE_NAME) -> tuple[list, list]:
+    """``(positive, negative)``: ``texts`` encoded (each distinct text once) and batched with every row repeated
+    ``repeats`` times in order (``B = len(texts) * repeats``), ``negative_prompt`` repeated to ``B`` rows; both
+    carry ``guidance = flux_guidance``."""
+    encoded: dict[str, list] = {}
+    for text in [*texts, negative_prompt]:
+        if text not in encoded:
+            encoded[text] = encode_text(clip, text, node)
+    try:
+        positive = batch_conditionings([encoded[t] for t in texts], repeats)
+        negative = batch_conditionings([encoded[negative_prompt]], len(texts) * repeats)
+    except PromptError as exc:
+        raise node_error(node, exc.problem, exc.fix) from None
+    return _with_guidance(positive, flux_guidance), _with_guidance(negative, flux_guidance)
 
 
 # ----------------------------------------------------------------------------------------------- node

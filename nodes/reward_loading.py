@@ -24,6 +24,7 @@ from ..flowgrpo_core.rewards.base import TorchReward
 from ..flowgrpo_core.rewards.registry import BACKENDS, build_backend
 from ..flowgrpo_core.rewards.user import UserRewards, build_user_reward, discover_user_rewards
 from ..flowgrpo_core.rewards.weights import WEIGHT_SUFFIXES
+from .offload import unload_where
 
 __all__ = ["WEIGHTS_FOLDER", "SCRIPTS_FOLDER", "DEFAULT_WEIGHTS", "register_folders", "weights_folders",
            "weights_options", "user_rewards", "backend_options", "build_reward", "ManagedReward",
@@ -172,6 +173,11 @@ class ManagedReward(RewardBackend):
         return self.inner.score(images, prompts, metadata)
 
     @property
+    def device(self) -> torch.device:
+        """Where the reward scores (ComfyUI loads it there before each call)."""
+        return self.patcher.load_device
+
+    @property
     def loaded(self) -> bool:
         """Whether ComfyUI holds the weights as a loaded model right now."""
         import comfy.model_management
@@ -180,22 +186,11 @@ class ManagedReward(RewardBackend):
 
     def offload(self) -> None:
         """Unloads the weights to the offload device (a no-op when they are not loaded)."""
-        import comfy.model_management
-
-        models = comfy.model_management.current_loaded_models
-        for i in range(len(models) - 1, -1, -1):
-            if models[i].model is self.patcher:
-                models.pop(i).model_unload()
+        unload_where(lambda patcher: patcher is self.patcher)
 
 
 def offload_reward_models() -> int:
     """Offloads every loaded reward model (called before a GRPO update trains); returns how many were loaded."""
-    loaded = [r for r in list(_managed) if r.loaded]
-    for reward in loaded:
-        reward.offload()
-    if loaded:
-        import comfy.model_management
-
-        comfy.model_management.soft_empty_cache()
-    return len(loaded)
+    patchers = {id(r.patcher) for r in list(_managed)}
+    return len(unload_where(lambda patcher: id(patcher) in patchers))
 

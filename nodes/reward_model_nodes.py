@@ -19,9 +19,10 @@ from ..flowgrpo_core.prompts import prompt_metadata
 from ..flowgrpo_core.rewards import RemoteReward, RewardBackend
 from ..flowgrpo_core.rewards.registry import MissingDependencyError
 from ..flowgrpo_core.rewards.weights import MissingWeightsError, WeightsFormatError
+from ..flowgrpo_core.profiling import PhaseTimer
 from .always_run import AlwaysRun
 from .reward_loading import DEFAULT_WEIGHTS, DEVICES, DTYPES, backend_options, build_reward, weights_options
-from .reward_nodes import images_as_batch
+from .reward_nodes import images_as_batch, reward_stats
 from .state import GROUPS, REWARDS, NodeInputError, PromptBatch, Rewards, node_error
 
 __all__ = ["REWARD_MODEL", "load_reward_model", "prompts_for", "score_images", "summarize",
@@ -89,14 +90,16 @@ def score_images(backend: RewardBackend, images: torch.Tensor, groups: Optional[
         raise node_error(node, f"reward_model is a {type(backend).__name__}, not a reward backend",
                          "connect FlowGRPO Load Reward Model or FlowGRPO Reward Server")
     prompts = prompts_for(backend, groups, images, node)
+    timer = PhaseTimer(getattr(backend, "device", None))
     try:
-        scores = backend.score(images_as_batch(images), prompts, prompt_metadata(prompts)).scores
+        with timer.phase("reward"):
+            scores = backend.score(images_as_batch(images), prompts, prompt_metadata(prompts)).scores
     except NodeInputError:
         raise
     except ValueError as e:  # includes RemoteRewardError; the message names the problem and the fix
         raise NodeInputError(f"{node}: {e}") from None
     values = scores * float(scale)
-    return Rewards(values=values, components=((name or backend.name, values),))
+    return Rewards(values=values, components=((name or backend.name, values),), stats=reward_stats(timer))
 
 
 def summarize(name: str, values: torch.Tensor) -> str:

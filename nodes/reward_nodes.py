@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..flowgrpo_core.grpo import ADVANTAGE_MODES, aggregate_rewards
+from ..flowgrpo_core.profiling import PhaseTimer
 from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS, SimpleReward
 from .state import REWARDS, Rewards, node_error
 
@@ -25,13 +26,34 @@ def compute_simple_reward(kind: str, images: torch.Tensor, scale: float = 1.0, n
     """``Rewards`` of ``scale *`` the :class:`SimpleReward` backend's scores; its checks (shape, NaN or inf scores)
     become node errors."""
     images = images_as_batch(images)
+    timer = PhaseTimer(images.device)
     try:
-        scores = SimpleReward(kind).score(images, [""] * images.shape[0]).scores
+        with timer.phase("reward"):
+            scores = SimpleReward(kind).score(images, [""] * images.shape[0]).scores
     except ValueError as e:
         raise node_error(node, str(e), "check the decoded images (NaN pixels come from a diverged model: lower the "
                          "learning rate)") from None
     values = scores * float(scale)
-    return Rewards(values=values, components=((kind, values),))
+    return Rewards(values=values, components=((kind, values),), stats=reward_stats(timer))
+
+
+def reward_stats(timer: PhaseTimer) -> dict:
+    """The ``time_reward_s`` / ``peak_mem_reward_mb`` of a scoring call, for :attr:`Rewards.stats`."""
+    return {k: v for k, v in timer.metrics().items() if k != "time_total_s"}
+
+
+def merged_stats(parts: list[Rewards]) -> dict:
+    """The stats of several scorings of one batch: times add up, the peak memory is the largest."""
+    out: dict = {}
+    for part in parts:
+        for key, value in part.stats.items():
+            if value is None:
+                out.setdefault(key, None)
+            elif key.startswith("time_"):
+                out[key] = (out.get(key) or 0.0) + value
+            else:
+                out[key] = max(out.get(key) or 0.0, value)
+    return out
 
 
 class FlowGRPOSimpleReward(io.ComfyNode):
@@ -84,7 +106,7 @@ def combine_rewards(parts: list[tuple[Rewards, float]], mode: str, node: str = C
     except ValueError as e:
         raise node_error(node, str(e), "give every reward one value per sample and a nonzero weight somewhere") from e
     return Rewards(values=values, components=tuple(components.items()), weights=tuple(weights.items()),
-                   aggregation=mode)
+                   aggregation=mode, stats=merged_stats([rewards for rewards, _ in parts]))
 
 
 class FlowGRPOCombineRewards(io.ComfyNode):

@@ -9,12 +9,14 @@ previewer, progress bar and interrupt checks. Latents inside the trajectory are 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from comfy_api.latest import io
 
+from ..flowgrpo_core.profiling import PhaseTimer
 from ..flowgrpo_core.rollout import RolloutSpec, sample_trajectory
 from ..flowgrpo_core.sde import SDE_KINDS, check_noise_level
 from ..flowgrpo_core.seeding import iteration_generator
@@ -45,6 +47,8 @@ class SamplingSettings:
     norm_rescale: bool = False
     selection: StepSelection = StepSelection()
     micro_batch_size: int = 0
+    same_noise_per_group: bool = False
+    window_end: int = 0
 
 
 def _scheduler_names() -> list[str]:
@@ -87,24 +91,42 @@ def sampling_inputs() -> list:
         io.Int.Input("window_size", default=2, min=1, max=1000,
                      tooltip="Window modes: number of consecutive SDE (and trained) steps."),
         io.Int.Input("window_start", default=0, min=0, max=1000,
-                     tooltip="fixed_window: first step of the window; sliding_window: where the sweep starts."),
+                     tooltip="fixed_window: first step of the window; sliding_window: where the sweep starts; "
+                             "random_window: the first step the window may start at."),
+        # inputs added after the first release are optional (with the old behaviour as default): saved workflows
+        # without them still validate
+        io.Int.Input("window_end", optional=True, default=0, min=0, max=1000,
+                     tooltip="random_window: the window lies in steps [window_start, window_end) (0 = up to the "
+                             "last stochastic step). Flow-GRPO-Fast: 3 steps in [0, 5) for SD3.5, [0, 3) for FLUX."),
         io.Int.Input("window_shift_every", default=25, min=1, max=100000,
                      tooltip="sliding_window: iterations before the window moves one step later."),
         io.Int.Input("micro_batch_size", default=0, min=0, max=4096,
                      tooltip="Samples per model forward (0 = the whole batch). The update replays with the same "
                              "layout; lower it to save memory."),
+        io.Boolean.Input("same_noise_per_group", optional=True, default=False,
+                         tooltip="Start every image of a prompt group from the same initial noise (DanceGRPO, "
+                                 "MixGRPO); the SDE noise still differs. Off: every image gets its own noise "
+                                 "(Flow-GRPO)."),
     ]
 
 
 def sampling_settings(steps: int, scheduler: str, shift: float, sde_kind: str, noise_level: float, cfg: float,
                       norm_rescale: bool, step_mode: str, train_fraction: float, window_size: int,
-                      window_start: int, window_shift_every: int, micro_batch_size: int,
-                      node: str = NODE) -> SamplingSettings:
-    """Parse the widgets of :func:`sampling_inputs` (node errors for bad combinations)."""
+                      window_start: int, window_shift_every: int, micro_batch_size: int, window_end: int = 0,
+                      same_noise_per_group: bool = False, node: str = NODE) -> SamplingSettings:
+    """Parse the widgets of :func:`sampling_inputs` (node errors for bad combinations).
+
+    random_window: the window range is ``[window_start, window_end)``; ``window_end = 0`` stands for ``N - 1`` (the
+    last stochastic step) and is resolved when the rollout knows ``N``.
+    """
+    window_range = None
+    if step_mode == "random_window" and (window_start or window_end):
+        window_range = (int(window_start), int(window_end) or int(steps) - 1)
     try:
         check_noise_level(sde_kind, noise_level)
         selection = StepSelection(mode=step_mode, fraction=float(train_fraction), window_size=int(window_size),
-                                  window_start=int(window_start), iters_per_shift=int(window_shift_every))
+                                  window_start=int(window_start), iters_per_shift=int(window_shift_every),
+                                  window_range=window_range)
     except ValueError as e:
         raise node_error(node, str(e), "change the sampling settings") from None
     if sde_kind not in ROLLOUT_KINDS:
@@ -112,7 +134,8 @@ def sampling_settings(steps: int, scheduler: str, shift: float, sde_kind: str, n
                          f"choose one of {', '.join(ROLLOUT_KINDS)}")
     return SamplingSettings(steps=int(steps), scheduler=scheduler, shift=float(shift), sde_kind=sde_kind,
                             noise_level=float(noise_level), cfg=float(cfg), norm_rescale=bool(norm_rescale),
-                            selection=selection, micro_batch_size=int(micro_batch_size))
+                            selection=selection, micro_batch_size=int(micro_batch_size),
+                            same_noise_per_group=bool(same_noise_per_group), window_end=int(window_end))
 
 
 def make_sigmas(model: Any, steps: int, scheduler: str, shift: float) -> torch.Tensor:
@@ -185,6 +208,22 @@ def _step_callback(model: Any, steps: int, preview: bool):
     return callback
 
 
+def initial_noise(shape: torch.Size, seed: int, iteration: int, groups: Optional[PromptBatch],
+                  node: str = NODE) -> torch.Tensor:
+    """The initial noise ``[B, ...]`` of iteration ``iteration`` from the ``(seed, iteration, "noise")`` stream.
+
+    With ``groups`` every sample takes the noise of the first sample of its prompt group (shared initial noise, as
+    DanceGRPO's ``init_same_noise``); the SDE noise of the steps stays per sample.
+    """
+    noise = torch.randn(shape, generator=iteration_generator(seed, iteration, "noise"))
+    if groups is None:
+        return noise
+    ids = groups.group_ids.tolist()
+    first = {}
+    source = [first.setdefault(g, i) for i, g in enumerate(ids)]
+    return noise[torch.tensor(source, dtype=torch.long)]
+
+
 def run_rollout(model: Any, positive: list, negative: Optional[list], settings: SamplingSettings, *, seed: int,
                 iteration: int = 0, width: int = 512, height: int = 512, latent: Optional[dict] = None,
                 sigmas: Optional[torch.Tensor] = None, groups: Optional[PromptBatch] = None, preview: bool = True,
@@ -199,6 +238,9 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
         require_flow_model(model)
     except ValueError as e:
         raise node_error(node, str(e), "connect a flow-matching MODEL (FLUX, Qwen-Image, SD3)") from None
+    if settings.same_noise_per_group and groups is None:
+        raise node_error(node, "same_noise_per_group needs the prompt groups",
+                         "connect FlowGRPO Prompt Source's groups output, or turn same_noise_per_group off")
     batch = _conditioning_batch(positive, node)
     if groups is not None and groups.batch_size != batch:
         raise node_error(node, f"the groups describe {groups.batch_size} samples but the conditioning has {batch}",
@@ -211,27 +253,34 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     grid = make_sigmas(model, settings.steps, settings.scheduler, settings.shift) if sigmas is None else sigmas
     grid = _check_sigmas(grid, node)
     n = grid.numel() - 1
+    selection = settings.selection
+    if selection.window_range is not None and settings.window_end == 0:  # "0 = the last stochastic step" of this grid
+        selection = dataclasses.replace(selection, window_range=(selection.window_range[0], n - 1))
     try:
-        plan = select_steps(settings.selection, n, seed, iteration)
+        plan = select_steps(selection, n, seed, iteration)
     except ValueError as e:
         raise node_error(node, str(e), "change the step-selection settings") from None
 
     policy = ComfyFlowPolicy(model, cfg=settings.cfg, norm_rescale=settings.norm_rescale)
     device = model.load_device
+    timer = PhaseTimer(device)
     clean = _initial_latent(model, batch, width, height, latent, node)
     cond = encode_conditioning(model, positive, negative if settings.cfg != 1.0 else None, batch, clean.shape,
                                device=device)
     spec = RolloutSpec(kind=settings.sde_kind, noise_level=settings.noise_level, sigmas=grid.tolist(),
                        sde_mask=plan.sde_mask, train_mask=plan.train_mask,
                        micro_batch_size=settings.micro_batch_size, extras=policy.extras())
-    noise = torch.randn(clean.shape, generator=iteration_generator(seed, iteration, "noise"))
+    noise = initial_noise(clean.shape, seed, iteration, groups if settings.same_noise_per_group else None, node)
     sigma0 = spec.sigmas[0]
     x_start = (sigma0 * noise + (1.0 - sigma0) * clean).to(device)
     generator = iteration_generator(seed, iteration, "sde", device=device)
-    trajectory = sample_trajectory(policy, x_start, cond, spec, generator=generator,
-                                   callback=_step_callback(model, n, preview))
+    with timer.phase("rollout"):
+        trajectory = sample_trajectory(policy, x_start, cond, spec, generator=generator,
+                                       callback=_step_callback(model, n, preview))
     out = {"samples": model.model.process_latent_out(trajectory.final.float()).cpu()}
-    return Rollout(trajectory=trajectory, model=model, groups=groups, seed=int(seed), iteration=int(iteration)), out
+    stats = {k: v for k, v in timer.metrics().items() if k != "time_total_s"}
+    return Rollout(trajectory=trajectory, model=model, groups=groups, seed=int(seed), iteration=int(iteration),
+                   stats=stats), out
 
 
 class FlowGRPOSDERollout(AlwaysRun):
@@ -284,11 +333,11 @@ class FlowGRPOSDERollout(AlwaysRun):
     @classmethod
     def execute(cls, model, positive, width, height, steps, scheduler, shift, sde_kind, noise_level, cfg,
                 norm_rescale, step_mode, train_fraction, window_size, window_start, window_shift_every,
-                micro_batch_size, seed, iteration, negative=None, groups=None, latent=None,
-                sigmas=None) -> io.NodeOutput:
+                micro_batch_size, seed, iteration, window_end=0, same_noise_per_group=False, negative=None,
+                groups=None, latent=None, sigmas=None) -> io.NodeOutput:
         settings = sampling_settings(steps, scheduler, shift, sde_kind, noise_level, cfg, norm_rescale, step_mode,
                                      train_fraction, window_size, window_start, window_shift_every,
-                                     micro_batch_size)
+                                     micro_batch_size, window_end, same_noise_per_group)
         rollout, out = run_rollout(model, positive, negative, settings, seed=seed, iteration=iteration,
                                    width=width, height=height, latent=latent, sigmas=sigmas, groups=groups)
         return io.NodeOutput(out, rollout)

@@ -95,6 +95,7 @@ class Rollout:
     model:      the ``ModelPatcher`` that sampled it (carries the trainer's LoRA adapters when it came from one).
     groups:     the prompt batch (``None`` when the sampler got plain conditioning).
     seed:       the sampler's seed; ``iteration``: the iteration it was sampled for.
+    stats:      what sampling cost (``time_rollout_s``, ``peak_mem_rollout_mb``), merged into the update's metrics.
     """
 
     trajectory: Trajectory
@@ -102,6 +103,7 @@ class Rollout:
     groups: Optional[PromptBatch]
     seed: int
     iteration: int
+    stats: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -117,12 +119,14 @@ class Rewards:
     weights:     ``(name, weight)`` pairs when several rewards were combined (empty: ``values`` is the reward).
     aggregation: how the update turns combined rewards into advantages (``flowgrpo_core.grpo.ADVANTAGE_MODES``):
                  ``weighted_sum`` normalises ``values``; ``advantage_sum`` normalises each component, then sums.
+    stats:       what scoring cost (``time_reward_s``, ``peak_mem_reward_mb``), merged into the update's metrics.
     """
 
     values: torch.Tensor
     components: tuple[tuple[str, torch.Tensor], ...] = ()
     weights: tuple[tuple[str, float], ...] = ()
     aggregation: str = "weighted_sum"
+    stats: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -155,6 +159,9 @@ class TrainerState:
     history:     one metrics dict per completed update (``reward_mean``, ``reward_std``, ``loss``, ...).
     run_name:    file-name prefix of checkpoints; ``checkpoint``: path of the last saved LoRA file, if any, and
                  ``saved_iteration`` the iteration it holds (-1: none).
+    extra:       JSON-able data saved with checkpoints (e.g. ``run_config``: the settings of the run).
+    ema:         a :class:`flowgrpo_core.ema.LoraEMA` of ``lora_params`` (None: no EMA). When set, saved LoRA files and
+                 the applied LoRA are its averaged weights; rollouts and updates use the live ones.
     """
 
     base_model: Any
@@ -168,6 +175,7 @@ class TrainerState:
     checkpoint: Optional[str] = None
     saved_iteration: int = -1
     extra: dict = field(default_factory=dict)
+    ema: Any = None
 
     def advanced(self, metrics: dict) -> "TrainerState":
         """The state after one more update with ``metrics`` (a new object; tensors and optimizer shared)."""

@@ -1,132 +1,77 @@
 """``FlowGRPO GRPO Train``: the whole loop in one node (prompts -> rollout -> VAE decode -> reward -> update).
 
-It calls the same helpers as the composable nodes (:func:`prompt_nodes.encode_prompt_batch`,
-:func:`rollout_nodes.run_rollout`, :func:`reward_nodes.compute_simple_reward` (or
-:func:`reward_model_nodes.score_images` with a connected reward model), :func:`update_nodes.grpo_update`,
-:mod:`lora_io` for checkpoints), reports every iteration (progress bar with the group grid as preview, a
-``flowgrpo.metrics`` websocket event, a log line), saves every ``save_every`` iterations, and on an interrupt saves
-a checkpoint before stopping. ``iterations`` is the run's total: a resumed run continues up to it.
+The loop, evaluation and logs live in :mod:`train_loop` (shared helpers with the composable nodes); this node parses
+its widgets (or a connected preset, :mod:`preset_nodes`), makes or resumes the trainer (:mod:`lora_io`), runs the
+loop with a progress bar, and shows the reward curve and the metric curves (reward, approx_kl, clipfrac) in its UI.
+``iterations`` is the run's total: a resumed run continues up to it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from comfy_api.latest import io, ui
 
 from . import lora_io, previews
-from .comfy_policy import LORA_TARGETS
-from .prompt_nodes import encode_prompt_batch, read_prompts
-from .reward_model_nodes import REWARD_MODEL, score_images
-from .reward_nodes import compute_simple_reward, images_as_batch
-from .rollout_nodes import SamplingSettings, run_rollout, sampling_inputs, sampling_settings
 from .always_run import AlwaysRun
-from .state import METRICS_EVENT, RESULT_EVENT, TRAINER, TrainerState, emit, node_error
-from .update_nodes import UpdateSettings, grpo_inputs, grpo_update, update_settings
-from ..flowgrpo.report import format_metrics
+from .comfy_policy import LORA_TARGETS
+from .lora_nodes import ema_inputs
+from .preset_nodes import apply_preset, preset_input
+from .prompt_nodes import read_prompts
+from .reward_model_nodes import REWARD_MODEL
+from .rollout_nodes import sampling_inputs, sampling_settings
+from .state import RESULT_EVENT, TRAINER, emit, node_error
+from .train_loop import TrainJob, curve_file, reward_curve_picture, run_folder, train
+from .update_nodes import grpo_inputs, update_settings
 from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS
 
-__all__ = ["TrainJob", "train", "FlowGRPOTrain", "NODES"]
+__all__ = ["FlowGRPOTrain", "make_job", "NODES"]
 
 NODE = "FlowGRPO GRPO Train"
 log = logging.getLogger("flowgrpo")
 
 
-@dataclass
-class TrainJob:
-    """Everything one all-in-one run needs besides the trainer state."""
-
-    clip: Any
-    vae: Any
-    prompts: list
-    negative_prompt: str
-    prompts_per_iteration: int
-    group_size: int
-    flux_guidance: float
-    width: int
-    height: int
-    sampling: SamplingSettings
-    update: UpdateSettings
-    reward: str
-    reward_scale: float
-    reward_model: Any  # a RewardBackend from Load Reward Model / Reward Server, used instead of ``reward``
-    iterations: int
-    save_every: int
-    seed: int
+def run_inputs() -> list:
+    """Widgets of a run: evaluation, EMA, logs (the all-in-one node's own; LoRA Init shares the EMA ones)."""
+    return [
+        io.Int.Input("eval_steps", optional=True, default=0, min=0, max=1000,
+                     tooltip="Evaluation steps (ODE, stock Euler sampler, EMA weights when on): Flow-GRPO trains "
+                             "with 10 steps and evaluates with 40. 0: no evaluation."),
+        io.Int.Input("eval_every", optional=True, default=0, min=0, max=10**7,
+                     tooltip="Evaluate every N iterations (0: only after the last one). Needs eval_steps > 0."),
+        *ema_inputs(),
+        io.Int.Input("sample_every", optional=True, default=0, min=0, max=10**7,
+                     tooltip="Save the iteration's groups with their rewards to output/flowgrpo/<run_name>/samples "
+                             "every N iterations (0: never)."),
+        io.Boolean.Input("tensorboard", optional=True, default=False,
+                         tooltip="Also write TensorBoard events to output/flowgrpo/<run_name>/tensorboard (needs "
+                                 "pip install tensorboard). metrics.jsonl is always written."),
+    ]
 
 
-def _iteration(state: TrainerState, job: TrainJob) -> tuple[TrainerState, dict, torch.Tensor, Any]:
-    it = state.iteration
-    positive, negative, groups = encode_prompt_batch(job.clip, job.prompts, job.negative_prompt,
-                                                     job.prompts_per_iteration, job.group_size, it, job.seed,
-                                                     job.flux_guidance, node=NODE)
-    rollout, latent = run_rollout(state.patcher, positive, negative, job.sampling, seed=job.seed, iteration=it,
-                                  width=job.width, height=job.height, groups=groups, preview=False, node=NODE)
-    decoded = job.vae.decode(latent["samples"])
-    images = images_as_batch(decoded)
-    if job.reward_model is not None:
-        rewards = score_images(job.reward_model, decoded, groups, scale=job.reward_scale, node=NODE)
-    else:
-        rewards = compute_simple_reward(job.reward, images, job.reward_scale, node=NODE)
-    state, metrics = grpo_update(state, rollout, rewards, job.update, node=NODE)
-    return state, metrics, images, (groups, rewards)
-
-
-def _report(state: TrainerState, metrics: dict, job: TrainJob, images, scored, progress) -> Any:
-    groups, rewards = scored
-    grid = previews.group_grid(images, groups.group_ids.tolist(), rewards.values.tolist(), groups.texts)
-    progress.update_absolute(state.iteration, job.iterations, ("JPEG", grid, 512))
-    emit(METRICS_EVENT, dict(metrics, iterations=job.iterations, run=state.run_name))
-    log.info("FlowGRPO %s: %s", state.run_name, format_metrics(dict(metrics, iterations=job.iterations)))
-    return grid
-
-
-def _curve_picture(state: TrainerState):
-    """The reward curve of ``state``'s history (mean +- std per iteration)."""
-    return previews.reward_curve(state.reward_curve(), [m.get("reward_std", 0.0) for m in state.history])
-
-
-def _curve_file(state: TrainerState) -> tuple[Path, str]:
-    import folder_paths
-
-    name = f"{state.run_name}_reward_curve.png"
-    return Path(folder_paths.get_output_directory()) / "flowgrpo" / name, name
-
-
-def train(state: TrainerState, job: TrainJob) -> tuple[TrainerState, Any, Path]:
-    """Run ``state`` up to ``job.iterations`` completed updates; returns ``(state, last grid or None, curve path)``.
-
-    On an interrupt (or any error) after at least one new update, a checkpoint of the last completed update is
-    written before the exception propagates.
-    """
-    import comfy.model_management
-    import comfy.utils
-
-    progress = comfy.utils.ProgressBar(job.iterations)
-    progress.update_absolute(state.iteration, job.iterations)
-    start, grid = state.iteration, None
-    try:
-        while state.iteration < job.iterations:
-            state, metrics, images, scored = _iteration(state, job)
-            grid = _report(state, metrics, job, images, scored, progress)
-            if job.save_every and state.iteration % job.save_every == 0 and state.iteration < job.iterations:
-                state = state.with_checkpoint(lora_io.save_checkpoint(state, node=NODE)[0])
-    except BaseException as e:
-        if state.iteration > start and state.saved_iteration != state.iteration:
-            path = lora_io.save_checkpoint(state, node=NODE)[0]
-            log.warning("FlowGRPO: %s at iteration %d; checkpoint saved to %s", type(e).__name__, state.iteration,
-                        path)
-        raise
-    if state.saved_iteration != state.iteration:
-        state = state.with_checkpoint(lora_io.save_checkpoint(state, node=NODE)[0])
-    curve_path, _ = _curve_file(state)
-    previews.save_png_atomic(_curve_picture(state), curve_path)
-    comfy.model_management.throw_exception_if_processing_interrupted()
-    return state, grid, curve_path
+def make_job(clip: Any, vae: Any, reward_model: Any, w: dict, node: str = NODE) -> TrainJob:
+    """The :class:`TrainJob` of the node's widget values ``w`` (node errors for bad settings)."""
+    sampling = sampling_settings(w["steps"], w["scheduler"], w["shift"], w["sde_kind"], w["noise_level"], w["cfg"],
+                                 w["norm_rescale"], w["step_mode"], w["train_fraction"], w["window_size"],
+                                 w["window_start"], w["window_shift_every"], w["micro_batch_size"],
+                                 w.get("window_end", 0), w.get("same_noise_per_group", False), node=node)
+    if w["group_size"] < 2:
+        raise node_error(node, f"group_size is {w['group_size']}", "use at least 2 images per prompt (GRPO compares "
+                         "samples within a group)")
+    if w.get("eval_every") and not w.get("eval_steps"):
+        raise node_error(node, f"eval_every is {w['eval_every']} but eval_steps is 0",
+                         "set eval_steps (e.g. 40 for SD3.5) or eval_every to 0")
+    update = update_settings(w["clip_range"], w["kl_beta"], w["adv_clip_max"], w["max_grad_norm"], w["std_mode"],
+                             w["optimizer_steps"], w["gradient_checkpointing"])
+    return TrainJob(clip=clip, vae=vae, prompts=read_prompts(w["prompts"], w["prompt_file"], node=node),
+                    negative_prompt=w["negative_prompt"], prompts_per_iteration=w["prompts_per_iteration"],
+                    group_size=w["group_size"], flux_guidance=w["flux_guidance"], width=w["width"],
+                    height=w["height"], sampling=sampling, update=update, reward=w["reward"],
+                    reward_scale=w["reward_scale"], reward_model=reward_model, iterations=w["iterations"],
+                    save_every=w["save_every"], seed=w["seed"], node=node, eval_steps=w.get("eval_steps", 0),
+                    eval_every=w.get("eval_every", 0), sample_every=w.get("sample_every", 0),
+                    tensorboard=bool(w.get("tensorboard", False)))
 
 
 class FlowGRPOTrain(AlwaysRun):
@@ -138,11 +83,13 @@ class FlowGRPOTrain(AlwaysRun):
             category="FlowGRPO/training",
             description="Trains a LoRA with GRPO in one node: each iteration draws prompts, samples groups of images "
                         "with an SDE, decodes and scores them, and updates the LoRA. Saves checkpoints into "
-                        "models/loras (also when interrupted) and draws the reward curve.",
+                        "models/loras (also when interrupted), logs every iteration to "
+                        "output/flowgrpo/<run_name>/metrics.jsonl, and draws the reward and metric curves.",
             inputs=[
                 io.Model.Input("model", tooltip="The flow-matching MODEL to fine-tune (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The text encoder of this model (encodes the prompts)."),
                 io.Vae.Input("vae", tooltip="The VAE that decodes rollouts for the reward."),
+                preset_input(),
                 io.String.Input("prompts", multiline=True, default="a red apple\na blue car\na green tree",
                                 tooltip="Training prompts, one per line (used when prompt_file is empty)."),
                 io.String.Input("prompt_file", default="",
@@ -179,16 +126,19 @@ class FlowGRPOTrain(AlwaysRun):
                              tooltip="Total GRPO updates of the run (a resumed run continues up to this count)."),
                 io.Int.Input("save_every", default=25, min=0, max=10**7,
                              tooltip="Save a checkpoint every N iterations (0: only at the end and on interrupt)."),
+                *run_inputs(),
                 io.String.Input("run_name", default="flowgrpo",
-                                tooltip="File-name prefix of the checkpoints in models/loras."),
+                                tooltip="File-name prefix of the checkpoints in models/loras and the name of the "
+                                        "log folder output/flowgrpo/<run_name>."),
                 io.Combo.Input("resume", options=lora_io.resume_options(), default="none",
                                tooltip="none: a new LoRA; latest: the newest checkpoint of run_name; or a "
-                                       "checkpoint file (with its optimizer state and iteration)."),
+                                       "checkpoint file (LoRA, optimizer, EMA, random states and iteration)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Run seed: prompts, noise, step windows and the LoRA init."),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
+                io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied (the "
+                                                               "EMA weights when ema_decay > 0)."),
                 io.Custom(TRAINER).Output(display_name="trainer", tooltip="The trainer state (save, apply, "
                                                                            "continue)."),
                 io.String.Output(display_name="lora_path", tooltip="Path of the last saved LoRA file."),
@@ -200,38 +150,37 @@ class FlowGRPOTrain(AlwaysRun):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, prompts, prompt_file, negative_prompt, prompts_per_iteration, group_size,
-                flux_guidance, width, height, steps, scheduler, shift, sde_kind, noise_level, cfg, norm_rescale,
-                step_mode, train_fraction, window_size, window_start, window_shift_every, micro_batch_size,
-                reward, reward_scale, clip_range, kl_beta, adv_clip_max, max_grad_norm, std_mode, optimizer_steps,
-                gradient_checkpointing, rank, alpha, targets, learning_rate, iterations, save_every, run_name, resume,
-                seed, reward_model=None) -> io.NodeOutput:
-        sampling = sampling_settings(steps, scheduler, shift, sde_kind, noise_level, cfg, norm_rescale, step_mode,
-                                     train_fraction, window_size, window_start, window_shift_every,
-                                     micro_batch_size, node=NODE)
-        if group_size < 2:
-            raise node_error(NODE, f"group_size is {group_size}", "use at least 2 images per prompt (GRPO compares "
-                             "samples within a group)")
-        job = TrainJob(clip=clip, vae=vae, prompts=read_prompts(prompts, prompt_file, node=NODE),
-                       negative_prompt=negative_prompt, prompts_per_iteration=prompts_per_iteration,
-                       group_size=group_size, flux_guidance=flux_guidance, width=width, height=height,
-                       sampling=sampling, update=update_settings(clip_range, kl_beta, adv_clip_max, max_grad_norm,
-                                                                 std_mode, optimizer_steps, gradient_checkpointing),
-                       reward=reward, reward_scale=reward_scale, reward_model=reward_model,
-                       iterations=iterations, save_every=save_every,
-                       seed=seed)
-        state = lora_io.make_trainer_state(model, rank=rank, alpha=alpha, targets=targets,
-                                           learning_rate=learning_rate, seed=seed, run_name=run_name, resume=resume,
-                                           node=NODE)
-        state, grid, curve_path = train(state, job)
+    def execute(cls, model, clip, vae, preset=None, reward_model=None, **widgets) -> io.NodeOutput:
+        import comfy.utils
+
+        w = apply_preset(preset, widgets, NODE, family=_family(model))
+        job = make_job(clip, vae, reward_model, w)
+        state = lora_io.make_trainer_state(model, rank=w["rank"], alpha=w["alpha"], targets=w["targets"],
+                                           learning_rate=w["learning_rate"], seed=w["seed"], run_name=w["run_name"],
+                                           resume=w["resume"], ema_decay=w.get("ema_decay", 0.0),
+                                           ema_every=w.get("ema_every", 1), node=NODE)
+        progress = comfy.utils.ProgressBar(job.iterations)
+        progress.update_absolute(state.iteration, job.iterations)
+        state, grid, curve_path = train(state, job, progress)
         emit(RESULT_EVENT, {"run": state.run_name, "lora_path": state.checkpoint,
-                            "reward_curve_path": str(curve_path), "iterations": state.iteration})
-        curve = previews.to_image(_curve_picture(state))
+                            "reward_curve_path": str(curve_path), "iterations": state.iteration,
+                            "metrics_path": str(run_folder(state.run_name) / "metrics.jsonl")})
+        curve = previews.to_image(reward_curve_picture(state))
         samples = previews.to_image(grid) if grid is not None else curve
         trained = lora_io.apply_lora(model, lora_io.lora_state_dict(state), 1.0, node=NODE)
-        _, curve_name = _curve_file(state)
-        saved = ui.SavedImages([ui.SavedResult(curve_name, "flowgrpo", io.FolderType.output)])
+        _, curve_name = curve_file(state.run_name)
+        saved = ui.SavedImages([ui.SavedResult(curve_name, "flowgrpo", io.FolderType.output),
+                                ui.SavedResult("curves.png", f"flowgrpo/{state.run_name}", io.FolderType.output)])
         return io.NodeOutput(trained, state, state.checkpoint or "", curve, samples, ui=saved)
+
+
+def _family(model: Any):
+    from .comfy_policy import model_family
+
+    try:
+        return model_family(model.model)
+    except (AttributeError, ValueError):
+        return None  # make_trainer_state reports a model that is not a flow model
 
 
 NODES = [FlowGRPOTrain]

@@ -9,7 +9,6 @@ micro-batch layout: the rollout's frozen spec), so the first recomputed log-prob
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +16,11 @@ from comfy_api.latest import io
 
 from ..flowgrpo_core.grpo import group_advantages, multi_reward_advantages
 from ..flowgrpo_core.trainer import GRPOConfig, GRPOTrainer
+from . import lora_io
 from .comfy_policy import ComfyFlowPolicy, lora_adapters
 from .always_run import AlwaysRun
-from .reward_loading import offload_reward_models
+from ..flowgrpo_core.profiling import PhaseTimer
+from .offload import offload_all_but
 from .state import METRICS_EVENT, REWARDS, ROLLOUT, TRAINER, Rewards, Rollout, TrainerState, emit, node_error
 
 __all__ = ["UpdateSettings", "grpo_inputs", "update_settings", "advantages", "grpo_update", "FlowGRPOUpdate",
@@ -106,29 +107,44 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
 
     Metrics: the trainer's (loss, approx_kl, clipfrac, ratio_mean/min/max, grad_norm, kl,
     first_log_ratio_abs_max, ...) plus reward_mean, reward_std, zero_std_ratio, iteration (completed updates
-    after this one), seconds, ``reward_<name>`` (the mean of each component when there are several), and the
-    per-sample lists ``advantages`` ``[B]`` and ``rewards`` (component name -> ``[B]`` scores).
+    after this one), seconds, ``reward_<name>`` (the mean of each component when there are several), the per-sample
+    lists ``advantages`` ``[B]`` and ``rewards`` (component name -> ``[B]`` scores), the step plan ``sde_steps`` /
+    ``train_steps``, ``ema_updated``, ``offloaded`` (models unloaded for the update), and the phase costs
+    ``time_<phase>_s`` / ``peak_mem_<phase>_mb`` of the rollout, the reward and this update.
+
+    Before training, every other loaded model (VAE, text encoders, reward models) is offloaded, so the update gets
+    their memory. With an EMA, it is stepped after the optimizer (``n`` = this update's 0-based index).
     """
     _check_inputs(state, rollout, rewards, node)
-    start = time.perf_counter()
     adv = advantages(rewards, rollout.groups.group_ids, settings)
-    extras = dict(rollout.trajectory.spec.extras)
+    spec = rollout.trajectory.spec
+    extras = dict(spec.extras)
     policy = ComfyFlowPolicy(rollout.model, cfg=extras.get("cfg", 1.0), norm_rescale=extras.get("norm_rescale", False),
                              checkpointing=settings.gradient_checkpointing)
     policy.interrupt_in_training = settings.config.optimizer_steps == 1
     trainer = GRPOTrainer(policy, state.optimizer, settings.config)
-    offload_reward_models()  # the reward models' memory goes to the diffusion model's update
+    timer = PhaseTimer(rollout.model.load_device)
+    offloaded = offload_all_but(rollout.model)
     try:
-        with policy.training():
+        with timer.phase("update"), policy.training():
             metrics = trainer.update(rollout.trajectory, adv.advantages)
     except FloatingPointError as e:
         raise node_error(node, str(e), "lower the learning rate or check the rewards") from e
     except ValueError as e:
         raise node_error(node, str(e), "change the update settings to fit the rollout") from e
+    ema_updated = False
+    if state.ema is not None:
+        with torch.inference_mode(False):
+            ema_updated = state.ema.step(lora_io.trainable_params(state), state.iteration)
     values = rewards.values.double()
+    phases = timer.metrics()
     metrics.update(reward_mean=float(values.mean()), reward_std=float(values.std(unbiased=False)),
                    zero_std_ratio=float(adv.zero_std_ratio), iteration=state.iteration + 1,
-                   seconds=time.perf_counter() - start)
+                   seconds=phases["time_update_s"], ema_updated=ema_updated, offloaded=len(offloaded),
+                   sde_steps=[i for i, s in enumerate(spec.sde_mask) if s], train_steps=spec.train_steps)
+    metrics.update(rollout.stats)
+    metrics.update(rewards.stats)
+    metrics.update({k: v for k, v in phases.items() if k != "time_total_s"})
     for name, component in rewards.components:
         if len(rewards.components) > 1:
             metrics[f"reward_{name}"] = float(component.double().mean())

@@ -60,11 +60,12 @@ def checkpoints(loras: Path, run_name: str) -> dict[int, Path]:
 
 
 def _train_prompt(demo_model_files, run_name, iterations, resume):
+    """The demo's API twin, made small through its preset's overrides (a connected preset's values win over the
+    train node's widgets)."""
     api = load_workflow(DEMO_API)
-    return apply_overrides(api, [f"GRPO Train.iterations={iterations}", "GRPO Train.save_every=0",
-                                 f"GRPO Train.run_name={json.dumps(run_name)}", f"GRPO Train.resume={resume}",
-                                 "GRPO Train.prompts_per_iteration=1", "GRPO Train.group_size=2",
-                                 "GRPO Train.width=64", "GRPO Train.height=64", "GRPO Train.steps=4"])
+    small = f"iterations={iterations}\nsave_every=0\nprompts_per_iteration=1\ngroup_size=2\nwidth=64\nheight=64\nsteps=4"
+    return apply_overrides(api, [f"Training preset.overrides={json.dumps(small)}",
+                                 f"GRPO Train.run_name={json.dumps(run_name)}", f"GRPO Train.resume={resume}"])
 
 
 def test_interrupt_leaves_a_checkpoint_and_resume_continues(comfy_server, demo_model_files, run_node,

@@ -1,0 +1,284 @@
+"""Efficiency modes, seen from the diffusion network itself (issue 5): which steps are sampled stochastically and
+which are trained, CFG layout, micro-batches, gradient checkpointing and the adapter-disabled KL reference.
+
+Real ComfyUI, the tiny real SD3 (UNETLoader), real nodes (FlowGRPOLoRAInit, FlowGRPOSDERollout, FlowGRPOUpdate). The
+network is instrumented, not the pack: :class:`forward_probe.ForwardProbe` hooks every forward of ComfyUI's MMDiT and
+records its timestep (mapped back to the rollout's sigma grid), grad mode, batch, inputs, output and whether the LoRA
+adapters were active.
+
+Layout found in the code (``nodes.comfy_policy.ComfyFlowPolicy.velocity``): true CFG runs two forwards of the same
+batch per velocity, the positive conditioning first, then the negative; they are not batched into one ``2B`` forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from forward_probe import ForwardProbe
+from test_grpo_nodes import UPDATE_DEFAULTS, batched_conditioning, init_trainer, load_model, prompt_batch, \
+    randomise_lora_, rollout_inputs
+
+pytestmark = pytest.mark.comfy
+
+STEPS, BATCH = 5, 4
+#: an ODE step reproduces x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i) to float rounding; an SDE step adds noise
+ODE_ATOL, SDE_MIN_GAP = 1e-5, 1e-3
+
+#: step_mode settings per mode, all for STEPS = 5 (steps 0..3 may be stochastic, step 4 is always ODE)
+MODES = {
+    "fraction": dict(step_mode="fraction", train_fraction=0.5),  # Flow-GRPO: SDE 0-3, trained 0-1
+    "fixed_window": dict(step_mode="fixed_window", window_start=1, window_size=2),
+    "random_window": dict(step_mode="random_window", window_size=2),  # Flow-GRPO-Fast
+    "sliding_window": dict(step_mode="sliding_window", window_start=0, window_size=2, window_shift_every=1),  # MixGRPO
+    "random_subset": dict(step_mode="random_subset", train_fraction=0.5),  # DanceGRPO
+}
+#: iterations checked per mode (seed 7): the sliding window at two positions (iteration // window_shift_every = 0 and
+#: 2: steps [0, 2) then [2, 4)); the random window lands on [2, 4) at iteration 1; the random subset is {1, 3} at
+#: iteration 4 (not the first steps, unlike at iteration 1, where it would equal the fraction plan)
+ITERATIONS = {"sliding_window": (0, 2), "random_subset": (4,)}
+
+
+@pytest.fixture(scope="module")
+def mods(flowgrpo_pack):
+    pkg = flowgrpo_pack.package
+    return SimpleNamespace(**{name: importlib.import_module(f"{pkg}.{path}") for name, path in (
+        ("state", "nodes.state"), ("policy", "nodes.comfy_policy"), ("windows", "flowgrpo_core.windows"),
+        ("core_policy", "flowgrpo_core.policy"), ("rollout", "flowgrpo_core.rollout"))})
+
+
+@pytest.fixture(scope="module")
+def base_model(run_node, tiny_sd3_file):
+    return load_model("sd3", run_node, tiny_sd3_file)
+
+
+def make_trainer(mods, run_node, base_model, name):
+    """A trainer with a non-zero LoRA (so enabled and disabled adapters give different outputs) and its probe."""
+    trainer, train_model = init_trainer(run_node, base_model, name)
+    randomise_lora_(trainer)
+    return trainer, train_model, ForwardProbe(train_model, adapters=mods.policy.lora_adapters(train_model))
+
+
+def rollout(mods, run_node, train_model, cfg=4.5, **overrides):
+    """Run the rollout node on B = 4 (two prompts x 2), by default training the 2-step window [1, 3) (few forwards);
+    returns its Rollout."""
+    settings = dict(rollout_inputs("sd3", steps=STEPS), cfg=cfg)
+    settings.update(overrides if "step_mode" in overrides else dict(MODES["fixed_window"], **overrides))
+    negative = batched_conditioning("sd3", seeds=(4, 4), group=2) if cfg != 1.0 else None
+    positive = batched_conditioning("sd3", seeds=(3, 5), group=2)
+    return run_node("FlowGRPOSDERollout", model=train_model, positive=positive, negative=negative,
+                    groups=prompt_batch(mods, iteration=settings["iteration"]), **settings)[1]
+
+
+def update(mods, run_node, trainer, ro, **overrides):
+    rewards = mods.state.Rewards(values=torch.tensor([1.0, 0.0, 0.3, 0.9]))
+    return run_node("FlowGRPOUpdate", trainer=trainer, rollout=ro, rewards=rewards,
+                    **dict(UPDATE_DEFAULTS, **overrides))
+
+
+def branches(ro) -> int:
+    """Forwards per velocity: 2 with true CFG (positive, then negative), 1 without."""
+    return 1 if dict(ro.trajectory.spec.extras)["cfg"] == 1.0 else 2
+
+
+def ode_residuals(mods, ro) -> list[float]:
+    """Per step ``max |x_{i+1} - (x_i + (sigma_{i+1} - sigma_i) v(x_i))|`` with ``v`` recomputed by the pack's
+    ComfyFlowPolicy with the rollout's model, conditioning, extras and micro-batch layout."""
+    traj, spec = ro.trajectory, ro.trajectory.spec
+    extras = dict(spec.extras)
+    policy = mods.policy.ComfyFlowPolicy(ro.model, cfg=extras["cfg"], norm_rescale=extras["norm_rescale"])
+    out = []
+    with torch.inference_mode():
+        for i in range(spec.num_steps):
+            x = traj.latents[i]
+            v = torch.empty(x.shape, dtype=torch.float32)
+            for chunk in spec.chunks(traj.batch_size):
+                v[chunk] = policy.velocity(x[chunk], mods.rollout.sigma_batch(spec.sigmas[i], x[chunk]),
+                                           mods.core_policy.index_cond(traj.cond, chunk)).cpu()
+            euler = x.float() + (spec.sigmas[i + 1] - spec.sigmas[i]) * v
+            out.append(float((traj.latents[i + 1].float() - euler).abs().max()))
+    return out
+
+
+def assert_forwards(probe, calls, sigmas, *, grad, lora, counts, batch):
+    """Every call has this grad mode, LoRA state and batch; ``Counter(step) == counts``."""
+    assert calls, "the probe recorded no forward"
+    assert {c.module_id for c in calls} == {id(probe.diffusion_model)}, "a forward ran on another network object"
+    assert {c.grad for c in calls} == {grad} and {c.lora for c in calls} == {lora}
+    assert {c.batch for c in calls} == {batch}
+    assert Counter(probe.steps(calls, sigmas)) == counts
+
+
+# ----------------------------------------------------------------------------------------- 1. step selection
+@pytest.mark.parametrize("mode", list(MODES))
+def test_stochastic_and_trained_steps_follow_the_step_plan(mode, mods, run_node, base_model):
+    trainer, train_model, probe = make_trainer(mods, run_node, base_model, f"modes_{mode}")
+    plans = []
+    for iteration in ITERATIONS.get(mode, (1,)):
+        with probe:
+            with probe.phase(f"rollout{iteration}"):
+                ro = rollout(mods, run_node, train_model, cfg=1.0, iteration=iteration, **MODES[mode])
+            spec, traj = ro.trajectory.spec, ro.trajectory
+            residuals = ode_residuals(mods, ro)  # before the update moves the LoRA (outside a phase: not recorded)
+            with probe.phase(f"update{iteration}"):
+                trainer, _, _ = update(mods, run_node, trainer, ro, kl_beta=0.0)
+
+        # the plan is select_steps' for (seed, iteration)
+        inputs = dict(rollout_inputs("sd3"), **MODES[mode])
+        selection = mods.windows.StepSelection(
+            mode=mode, fraction=inputs["train_fraction"], window_size=inputs["window_size"],
+            window_start=inputs["window_start"], iters_per_shift=inputs["window_shift_every"])
+        plan = mods.windows.select_steps(selection, STEPS, inputs["seed"], iteration)
+        assert spec.sde_mask == tuple(plan.sde_mask.tolist()) and spec.train_mask == tuple(plan.train_mask.tolist())
+        plans.append(plan.describe())
+
+        # stochastic steps, read off the trajectory: an ODE step is the Euler step of the recomputed velocity
+        sde = [r > SDE_MIN_GAP for r in residuals]
+        assert all(r <= ODE_ATOL or r > SDE_MIN_GAP for r in residuals), residuals
+        assert tuple(sde) == spec.sde_mask, (residuals, spec.sde_mask)
+        assert any(sde) and not sde[-1]
+        sde_rows = torch.tensor(spec.sde_mask)
+        assert bool(torch.isfinite(traj.log_probs[sde_rows]).all()) and bool((traj.log_probs[sde_rows] != 0).all())
+        assert bool((traj.log_probs[~sde_rows] == 0).all())
+
+        # the rollout runs every step once per micro-batch and branch, without grad, with the LoRA
+        n_chunks, n_branches = len(spec.chunks(BATCH)), branches(ro)
+        per_step = n_chunks * n_branches
+        assert_forwards(probe, probe.of(f"rollout{iteration}"), spec.sigmas, grad=False, lora=True,
+                        counts={i: per_step for i in range(STEPS)}, batch=spec.micro_batch_size)
+        # the update (no KL) runs with grad exactly at the trained steps, once per micro-batch and branch
+        assert_forwards(probe, probe.of(f"update{iteration}"), spec.sigmas, grad=True, lora=True,
+                        counts={j: per_step for j in spec.train_steps}, batch=spec.micro_batch_size)
+    if mode == "sliding_window":
+        assert plans[0] != plans[1], f"the window did not move: {plans}"
+
+
+# ----------------------------------------------------------------------------------------- 2. CFG-free
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_cfg_free_runs_one_branch_and_cfg_two_forwards_of_the_whole_batch(cfg, mods, run_node, base_model):
+    trainer, train_model, probe = make_trainer(mods, run_node, base_model, f"cfg_{cfg}")
+    with probe:
+        with probe.phase("rollout"):
+            ro = rollout(mods, run_node, train_model, cfg=cfg, micro_batch_size=0)
+        with probe.phase("update"):
+            update(mods, run_node, trainer, ro, kl_beta=0.0)
+    spec, cond = ro.trajectory.spec, ro.trajectory.cond
+    n = 1 if cfg == 1.0 else 2
+    assert branches(ro) == n and ("negative" in cond) == (cfg != 1.0)
+    contexts = [cond["positive"]["c_crossattn"]] + ([cond["negative"]["c_crossattn"]] if n == 2 else [])
+    if n == 2:
+        assert not torch.equal(contexts[0], contexts[1]), "positive and negative must differ for this check to bite"
+    for phase, steps, grad in (("rollout", range(STEPS), False), ("update", spec.train_steps, True)):
+        calls = probe.of(phase)
+        assert_forwards(probe, calls, spec.sigmas, grad=grad, lora=True, counts={i: n for i in steps}, batch=BATCH)
+        for k, call in enumerate(calls):  # positive then negative, each over the whole batch
+            torch.testing.assert_close(call.context, contexts[k % n].to(call.context.dtype), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- 3. micro-batches
+def test_micro_batches_have_the_same_layout_in_rollout_and_update(mods, run_node, base_model):
+    trainer, train_model, probe = make_trainer(mods, run_node, base_model, "micro_batches")
+    with probe:
+        with probe.phase("rollout"):
+            ro = rollout(mods, run_node, train_model, micro_batch_size=2)
+        with probe.phase("update"):
+            update(mods, run_node, trainer, ro, kl_beta=0.0)
+    spec, traj = ro.trajectory.spec, ro.trajectory
+    assert spec.chunks(BATCH) == [slice(0, 2), slice(2, 4)]
+    rollout_calls, update_calls = probe.of("rollout"), probe.of("update")
+    assert {c.batch for c in rollout_calls + update_calls} == {2}
+    rollout_steps, update_steps = probe.steps(rollout_calls, spec.sigmas), probe.steps(update_calls, spec.sigmas)
+    for j in spec.train_steps:
+        seen = [c for c, s in zip(rollout_calls, rollout_steps) if s == j]
+        replayed = [c for c, s in zip(update_calls, update_steps) if s == j]
+        assert len(seen) == len(replayed) == 4  # 2 micro-batches x (positive, negative)
+        for k, (a, b) in enumerate(zip(seen, replayed)):
+            chunk = spec.chunks(BATCH)[k // 2]
+            torch.testing.assert_close(a.x, traj.latents[j, chunk].to(a.x.dtype), rtol=0, atol=0)
+            torch.testing.assert_close(b.x, a.x, rtol=0, atol=0)
+            torch.testing.assert_close(b.context, a.context, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- 4. checkpointing
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_lora(mods, run_node, base_model):
+    results = {}
+    for checkpointing in (False, True):
+        trainer, train_model, probe = make_trainer(mods, run_node, base_model, f"ckpt_{checkpointing}")
+        params = {k: p for k, p in trainer.lora_params.items() if p.requires_grad}
+        before = {k: p.detach().clone() for k, p in params.items()}
+        ro = rollout(mods, run_node, train_model, cfg=1.0, micro_batch_size=0)
+        with probe, probe.phase("update"):
+            update(mods, run_node, trainer, ro, kl_beta=0.0, gradient_checkpointing=checkpointing)
+        assert any(not torch.equal(before[k], p.detach()) for k, p in params.items()), "the update must move the LoRA"
+        results[checkpointing] = SimpleNamespace(latents=ro.trajectory.latents, counts=probe.counts,
+                                                 lora={k: p.detach().clone() for k, p in params.items()})
+    plain, ckpt = results[False], results[True]
+    torch.testing.assert_close(ckpt.latents, plain.latents, rtol=0, atol=0)  # same seed, same inputs
+    blocks = plain.counts[("update", "block", True)]
+    inner = plain.counts[("update", "inner", True)]
+    assert blocks > 0 and inner > 0, "the probe counted no block call"
+    assert ckpt.counts[("update", "block", True)] == blocks  # the same forwards...
+    assert ckpt.counts[("update", "inner", True)] == 2 * inner  # ...and every block runs again in backward
+    assert plain.lora.keys() == ckpt.lora.keys()
+    for k in plain.lora:
+        torch.testing.assert_close(ckpt.lora[k], plain.lora[k], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- 5. KL reference
+def test_kl_reference_disables_the_adapter_on_the_shared_weights(mods, run_node, base_model):
+    import comfy.model_management
+
+    trainer, train_model, probe = make_trainer(mods, run_node, base_model, "kl_reference")
+    ro = rollout(mods, run_node, train_model, micro_batch_size=2)
+    net = train_model.model.diffusion_model
+    assert net is base_model.model.diffusion_model
+    watched = probe.watched.weight
+    storage = (sum(p.numel() for p in net.parameters()), len(list(net.modules())), watched.data_ptr())
+    with probe, probe.phase("update"):
+        _, metrics, _ = update(mods, run_node, trainer, ro, kl_beta=0.04)
+    assert json.loads(metrics)["kl"] > 0
+    assert (sum(p.numel() for p in net.parameters()), len(list(net.modules())), probe.watched.weight.data_ptr()) \
+        == storage, "the update duplicated or moved the base weights"
+
+    spec = ro.trajectory.spec
+    calls = probe.of("update")
+    trained = [c for c in calls if c.grad]
+    reference = [c for c in calls if not c.grad]
+    per_step = len(spec.chunks(BATCH)) * branches(ro)
+    assert_forwards(probe, trained, spec.sigmas, grad=True, lora=True,
+                    counts={j: per_step for j in spec.train_steps}, batch=2)
+    assert_forwards(probe, reference, spec.sigmas, grad=False, lora=False,
+                    counts={j: per_step for j in spec.train_steps}, batch=2)
+    assert {c.weight_ptr for c in calls} == {storage[2]}, "a forward ran on other base weights"
+    # each reference velocity follows its trained one on the same inputs
+    n = branches(ro)
+    pairs = [(calls[k + m], calls[k + n + m]) for k in range(0, len(calls), 2 * n) for m in range(n)]
+    assert len(pairs) == len(trained) and all(t.grad and not r.grad for t, r in pairs)
+    for t, r in pairs:
+        torch.testing.assert_close(r.x, t.x, rtol=0, atol=0)
+        torch.testing.assert_close(r.context, t.context, rtol=0, atol=0)
+
+    # the reference output is the base model's: load the plain MODEL (its adapters leave the Linear layers) and rerun
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([base_model], force_full_load=True)
+        assert probe.lora_state() is False
+        for t, r in pairs:
+            base = net(r.x, r.timestep.to(r.x.device), **r.kwargs)
+            torch.testing.assert_close(r.output, base, rtol=0, atol=1e-6)
+            assert float((t.output - base).abs().max()) > 1e-3, "the LoRA must change the trained forward"
+
+
+# ----------------------------------------------------------------------------------------- 6. reward offload
+# Reward models leave the device before each GRPO update: asserted (loaded to score, unloaded by the update, loaded
+# again to score) in tests/comfy/test_reward_loading.py
+# (test_torch_reward_is_loaded_to_score_and_offloaded_for_the_update); not repeated here.
+
+
+# ----------------------------------------------------------------------------------------- elsewhere
+# Shared initial noise per group, evaluation with more steps than training (stock ODE sampler on the EMA weights)
+# and the VAE offloaded before an update: tests/comfy/test_training_features.py.
