@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from comfy_api.latest import io
 
@@ -124,10 +124,12 @@ def preset_document(preset: Preset, resolved: ResolvedPreset) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False)
 
 
-def apply_preset(preset: Optional[ResolvedPreset], inputs: dict, node: str, family: Optional[str] = None) -> dict:
-    """A copy of ``inputs`` (a node's keyword arguments) where every preset field that is one of the keys takes the
-    preset's value; fields the node does not have are ignored. With ``family`` (the MODEL's, e.g. from
-    ``comfy_policy.model_family``) a preset for another family is a node error."""
+def apply_preset(preset: Optional[ResolvedPreset], inputs: dict, node: str, family: Optional[str] = None,
+                 names: Optional[Iterable[str]] = None) -> dict:
+    """A copy of ``inputs`` (a node's keyword arguments) where every preset field that is one of the node's inputs
+    takes the preset's value; fields the node does not have are ignored. ``names``: the node's input names (default:
+    the keys of ``inputs``; pass them so that optional inputs a saved workflow leaves out are set too). With
+    ``family`` (the MODEL's, e.g. from ``comfy_policy.model_family``) a preset for another family is a node error."""
     out = dict(inputs)
     if preset is None:
         return out
@@ -137,7 +139,8 @@ def apply_preset(preset: Optional[ResolvedPreset], inputs: dict, node: str, fami
                                f"models but this MODEL is {FAMILY_NAMES.get(family, family)}",
                          f"pick a preset for {FAMILY_NAMES.get(family, family)} ({', '.join(same) or 'a user preset'})"
                          " or disconnect the preset input")
-    applied = [k for k in preset.values if k in out]
+    known = set(out) if names is None else set(names) | set(out)
+    applied = [k for k in preset.values if k in known]
     out.update({k: preset.values[k] for k in applied})
     if applied:
         log.info("FlowGRPO %s: preset %s sets %s", node, preset.name, ", ".join(applied))

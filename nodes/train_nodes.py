@@ -153,7 +153,8 @@ class FlowGRPOTrain(AlwaysRun):
     def execute(cls, model, clip, vae, preset=None, reward_model=None, **widgets) -> io.NodeOutput:
         import comfy.utils
 
-        w = apply_preset(preset, widgets, NODE, family=_family(model))
+        names = [i.id for i in cls.define_schema().inputs]
+        w = apply_preset(preset, widgets, NODE, family=_family(model), names=names)
         job = make_job(clip, vae, reward_model, w)
         state = lora_io.make_trainer_state(model, rank=w["rank"], alpha=w["alpha"], targets=w["targets"],
                                            learning_rate=w["learning_rate"], seed=w["seed"], run_name=w["run_name"],

@@ -144,6 +144,9 @@ def test_apply_preset_replaces_the_nodes_fields_and_ignores_the_rest(mods):
     assert inputs["steps"] == 10  # a copy
     assert mods.nodes.apply_preset(None, inputs, node="FlowGRPO Test", family="flux") == inputs
     assert mods.nodes.apply_preset(preset, inputs, node="FlowGRPO Test")["steps"] == 7  # no family: no check
+    # an optional input a saved workflow left out is still set when the node names its inputs
+    named = mods.nodes.apply_preset(preset, inputs, node="FlowGRPO Test", names=[*inputs, "ema_decay"])
+    assert named == dict(inputs, steps=7, cfg=2.0, ema_decay=0.9)
 
 
 def test_apply_preset_refuses_a_preset_for_another_family(mods):
