@@ -73,14 +73,17 @@ class PhaseTimer:
             if not self._stack:
                 self.total_s += seconds
 
-    def metrics(self) -> dict[str, Optional[float]]:
-        """``{"time_<phase>_s": seconds, "peak_mem_<phase>_mb": MiB or None, ..., "time_total_s": seconds}``."""
+    def phases(self) -> dict[str, Optional[float]]:
+        """``{"time_<phase>_s": seconds, "peak_mem_<phase>_mb": MiB or None, ...}`` for every phase."""
         out: dict[str, Optional[float]] = {}
         for name, seconds in self.seconds.items():
             out[f"time_{name}_s"] = seconds
             out[f"peak_mem_{name}_mb"] = self.peak_mb.get(name)
-        out["time_total_s"] = self.total_s
         return out
+
+    def metrics(self) -> dict[str, Optional[float]]:
+        """:meth:`phases` and ``"time_total_s"``, the seconds of the outermost phases."""
+        return {**self.phases(), "time_total_s": self.total_s}
 
     # ------------------------------------------------------------------------------------------- device
     def _sync(self) -> None:

@@ -235,8 +235,7 @@ def _restore(state: TrainerState, lora_file: Path, saved: TrainingStateFile, nod
     import comfy.utils
 
     fix = "resume from a checkpoint of the same model and settings, or set resume to 'none'"
-    trainable = [k for k in state.lora_params if k.endswith(_TRAINABLE)]
-    if saved.extra.get("trainable_keys") != trainable:
+    if saved.extra.get("trainable_keys") != list(trainable_params(state)):
         raise node_error(node, f"checkpoint {lora_file.name} was trained on a model with other layers", fix)
     values = saved.extra.get("live_lora")  # the live weights; older states (and EMA-free runs) match the LoRA file
     if not isinstance(values, dict):
@@ -317,7 +316,7 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
 
     with torch.inference_mode(False):
         patcher, params = attach_trainable_lora(model, settings.rank, settings.alpha, targets, settings.seed)
-        trainable = [p for k, p in params.items() if k.endswith(_TRAINABLE)]
+        trainable = [p for k, p in params.items() if k.endswith(_TRAINABLE)]  # the state does not exist yet
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4,
                                       eps=1e-8)
     state = TrainerState(base_model=model, patcher=patcher, lora_params=params, optimizer=optimizer,
@@ -351,7 +350,7 @@ def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = Non
 
     lora = lora_state_dict(state)
     peft = peft_state_dict(state, node) if export == "peft" else None
-    trainable = [k for k in state.lora_params if k.endswith(_TRAINABLE)]
+    trainable = list(trainable_params(state))
     s = state.settings
     try:
         tensors, metadata = training_state_payload(

@@ -5,15 +5,14 @@
 * Backends: the weight-free statistics, every :data:`flowgrpo_core.rewards.registry.BACKENDS` entry, and the user
   rewards discovered in the scripts folders (re-scanned when a file changes).
 * Memory: a torch reward is wrapped in a ComfyUI ``ModelPatcher`` and loaded with ``load_models_gpu`` right
-  before it scores, so ComfyUI frees VRAM for it like for any model; :func:`offload_reward_models` hands the
-  weights back to the offload device before a GRPO update trains the diffusion model.
+  before it scores, so ComfyUI frees VRAM for it like for any model; before a GRPO update trains the diffusion
+  model, ``offload.offload_all_but`` hands its weights (and every other model's) back to the offload device.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,11 +23,10 @@ from ..flowgrpo_core.rewards.base import TorchReward
 from ..flowgrpo_core.rewards.registry import BACKENDS, build_backend
 from ..flowgrpo_core.rewards.user import UserRewards, build_user_reward, discover_user_rewards
 from ..flowgrpo_core.rewards.weights import WEIGHT_SUFFIXES
-from .offload import unload_where
 
 __all__ = ["WEIGHTS_FOLDER", "SCRIPTS_FOLDER", "DEFAULT_WEIGHTS", "register_folders", "weights_folders",
            "weights_options", "user_rewards", "backend_options", "build_reward", "ManagedReward",
-           "offload_reward_models", "DEVICES", "DTYPES"]
+           "DEVICES", "DTYPES"]
 
 log = logging.getLogger("flowgrpo")
 
@@ -141,13 +139,11 @@ def build_reward(backend: str, weights: str = DEFAULT_WEIGHTS, device: str = "au
     return ManagedReward(reward, load_device) if isinstance(reward, TorchReward) else reward
 
 
-_managed: "weakref.WeakSet[ManagedReward]" = weakref.WeakSet()
-
 
 class ManagedReward(RewardBackend):
     """A :class:`TorchReward` under ComfyUI's model management: loaded onto ``load_device`` by
-    ``load_models_gpu`` before each scoring call (freeing VRAM like any model load), offloaded again by
-    :func:`offload_reward_models`."""
+    ``load_models_gpu`` before each scoring call (freeing VRAM like any model load), offloaded again before an
+    update (``offload.offload_all_but``)."""
 
     def __init__(self, inner: TorchReward, load_device: torch.device):
         import comfy.model_management
@@ -161,7 +157,6 @@ class ManagedReward(RewardBackend):
         holder.add_module("reward", inner.model)
         self.patcher = comfy.model_patcher.ModelPatcher(
             holder, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
-        _managed.add(self)
 
     def _score(self, images: torch.Tensor, prompts: list[str],
                metadata: Optional[Sequence[dict]]) -> RewardResult:
@@ -183,14 +178,4 @@ class ManagedReward(RewardBackend):
         import comfy.model_management
 
         return any(m is self.patcher for m in comfy.model_management.loaded_models())
-
-    def offload(self) -> None:
-        """Unloads the weights to the offload device (a no-op when they are not loaded)."""
-        unload_where(lambda patcher: patcher is self.patcher)
-
-
-def offload_reward_models() -> int:
-    """Offloads every loaded reward model (called before a GRPO update trains); returns how many were loaded."""
-    patchers = {id(r.patcher) for r in list(_managed)}
-    return len(unload_where(lambda patcher: id(patcher) in patchers))
 

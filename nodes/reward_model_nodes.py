@@ -22,7 +22,7 @@ from ..flowgrpo_core.rewards.weights import MissingWeightsError, WeightsFormatEr
 from ..flowgrpo_core.profiling import PhaseTimer
 from .always_run import AlwaysRun
 from .reward_loading import DEFAULT_WEIGHTS, DEVICES, DTYPES, backend_options, build_reward, weights_options
-from .reward_nodes import images_as_batch, reward_stats
+from .reward_nodes import images_as_batch
 from .state import GROUPS, REWARDS, NodeInputError, PromptBatch, Rewards, node_error
 
 __all__ = ["REWARD_MODEL", "load_reward_model", "prompts_for", "score_images", "summarize",
@@ -99,7 +99,7 @@ def score_images(backend: RewardBackend, images: torch.Tensor, groups: Optional[
     except ValueError as e:  # includes RemoteRewardError; the message names the problem and the fix
         raise NodeInputError(f"{node}: {e}") from None
     values = scores * float(scale)
-    return Rewards(values=values, components=((name or backend.name, values),), stats=reward_stats(timer))
+    return Rewards(values=values, components=((name or backend.name, values),), stats=timer.phases())
 
 
 def summarize(name: str, values: torch.Tensor) -> str:

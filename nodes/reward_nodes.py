@@ -34,12 +34,7 @@ def compute_simple_reward(kind: str, images: torch.Tensor, scale: float = 1.0, n
         raise node_error(node, str(e), "check the decoded images (NaN pixels come from a diverged model: lower the "
                          "learning rate)") from None
     values = scores * float(scale)
-    return Rewards(values=values, components=((kind, values),), stats=reward_stats(timer))
-
-
-def reward_stats(timer: PhaseTimer) -> dict:
-    """The ``time_reward_s`` / ``peak_mem_reward_mb`` of a scoring call, for :attr:`Rewards.stats`."""
-    return {k: v for k, v in timer.metrics().items() if k != "time_total_s"}
+    return Rewards(values=values, components=((kind, values),), stats=timer.phases())
 
 
 def merged_stats(parts: list[Rewards]) -> dict:

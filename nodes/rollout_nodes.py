@@ -26,8 +26,8 @@ from .model_adapter import require_flow_model
 from .always_run import AlwaysRun
 from .state import GROUPS, ROLLOUT, PromptBatch, Rollout, node_error
 
-__all__ = ["SamplingSettings", "sampling_inputs", "sampling_settings", "make_sigmas", "run_rollout",
-           "FlowGRPOSDERollout", "NODES"]
+__all__ = ["SamplingSettings", "sampling_inputs", "sampling_settings", "random_window_range", "make_sigmas",
+           "run_rollout", "initial_noise", "FlowGRPOSDERollout", "NODES"]
 
 NODE = "FlowGRPO SDE Sampler (rollout)"
 ROLLOUT_KINDS = tuple(k for k in SDE_KINDS if k != "ode")
@@ -110,6 +110,14 @@ def sampling_inputs() -> list:
     ]
 
 
+def random_window_range(step_mode: str, window_start: int, window_end: int, num_steps: int):
+    """``(window_start, window_end)`` for ``random_window`` (``window_end = 0``: ``num_steps - 1``, the last
+    stochastic step); None (the whole ``[0, N - 1)``) when both are 0 or for the other modes."""
+    if step_mode != "random_window" or not (window_start or window_end):
+        return None
+    return int(window_start), int(window_end) or int(num_steps) - 1
+
+
 def sampling_settings(steps: int, scheduler: str, shift: float, sde_kind: str, noise_level: float, cfg: float,
                       norm_rescale: bool, step_mode: str, train_fraction: float, window_size: int,
                       window_start: int, window_shift_every: int, micro_batch_size: int, window_end: int = 0,
@@ -119,9 +127,7 @@ def sampling_settings(steps: int, scheduler: str, shift: float, sde_kind: str, n
     random_window: the window range is ``[window_start, window_end)``; ``window_end = 0`` stands for ``N - 1`` (the
     last stochastic step) and is resolved when the rollout knows ``N``.
     """
-    window_range = None
-    if step_mode == "random_window" and (window_start or window_end):
-        window_range = (int(window_start), int(window_end) or int(steps) - 1)
+    window_range = random_window_range(step_mode, window_start, window_end, int(steps))
     try:
         check_noise_level(sde_kind, noise_level)
         selection = StepSelection(mode=step_mode, fraction=float(train_fraction), window_size=int(window_size),
@@ -208,8 +214,7 @@ def _step_callback(model: Any, steps: int, preview: bool):
     return callback
 
 
-def initial_noise(shape: torch.Size, seed: int, iteration: int, groups: Optional[PromptBatch],
-                  node: str = NODE) -> torch.Tensor:
+def initial_noise(shape: torch.Size, seed: int, iteration: int, groups: Optional[PromptBatch]) -> torch.Tensor:
     """The initial noise ``[B, ...]`` of iteration ``iteration`` from the ``(seed, iteration, "noise")`` stream.
 
     With ``groups`` every sample takes the noise of the first sample of its prompt group (shared initial noise, as
@@ -254,9 +259,9 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     grid = _check_sigmas(grid, node)
     n = grid.numel() - 1
     selection = settings.selection
-    if selection.window_range is not None and settings.window_end == 0:  # "0 = the last stochastic step" of this grid
-        selection = dataclasses.replace(selection, window_range=(selection.window_range[0], n - 1))
-    try:
+    try:  # the window range again, for this grid's N (a SIGMAS input may change it)
+        selection = dataclasses.replace(selection, window_range=random_window_range(
+            selection.mode, selection.window_start, settings.window_end, n))
         plan = select_steps(selection, n, seed, iteration)
     except ValueError as e:
         raise node_error(node, str(e), "change the step-selection settings") from None
@@ -270,7 +275,7 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     spec = RolloutSpec(kind=settings.sde_kind, noise_level=settings.noise_level, sigmas=grid.tolist(),
                        sde_mask=plan.sde_mask, train_mask=plan.train_mask,
                        micro_batch_size=settings.micro_batch_size, extras=policy.extras())
-    noise = initial_noise(clean.shape, seed, iteration, groups if settings.same_noise_per_group else None, node)
+    noise = initial_noise(clean.shape, seed, iteration, groups if settings.same_noise_per_group else None)
     sigma0 = spec.sigmas[0]
     x_start = (sigma0 * noise + (1.0 - sigma0) * clean).to(device)
     generator = iteration_generator(seed, iteration, "sde", device=device)
@@ -278,9 +283,8 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
         trajectory = sample_trajectory(policy, x_start, cond, spec, generator=generator,
                                        callback=_step_callback(model, n, preview))
     out = {"samples": model.model.process_latent_out(trajectory.final.float()).cpu()}
-    stats = {k: v for k, v in timer.metrics().items() if k != "time_total_s"}
     return Rollout(trajectory=trajectory, model=model, groups=groups, seed=int(seed), iteration=int(iteration),
-                   stats=stats), out
+                   stats=timer.phases()), out
 
 
 class FlowGRPOSDERollout(AlwaysRun):

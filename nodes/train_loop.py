@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from ..flowgrpo.report import format_metrics
-from ..flowgrpo_core.metrics_log import MetricsLog
+from ..flowgrpo_core.metrics_log import MetricsLog, jsonable
 from ..flowgrpo_core.profiling import PhaseTimer
 from . import lora_io, previews
 from .prompt_nodes import encode_prompt_batch, encode_texts
@@ -120,7 +120,7 @@ def _iteration(state: TrainerState, job: TrainJob) -> tuple[TrainerState, dict, 
         decoded = job.vae.decode(latent["samples"])
     rewards = _score(job, decoded, groups)
     state, metrics = grpo_update(state, rollout, rewards, job.update, node=job.node)
-    metrics.update({k: v for k, v in timer.metrics().items() if k != "time_total_s"})
+    metrics.update(timer.phases())
     metrics["time_iteration_s"] = sum(v for k, v in metrics.items() if k.startswith("time_") and k.endswith("_s")
                                       and k != "time_iteration_s" and isinstance(v, float))
     return state, metrics, images_as_batch(decoded), (groups, rewards)
@@ -164,7 +164,7 @@ def evaluate(state: TrainerState, job: TrainJob) -> tuple[dict, Any]:
     values = rewards.values.double()
     metrics = {"eval_reward_mean": float(values.mean()), "eval_reward_std": float(values.std(unbiased=False)),
                "eval_steps": int(job.eval_steps), "eval_weights": "ema" if state.ema is not None else "live"}
-    metrics.update({k: v for k, v in timer.metrics().items() if k != "time_total_s"})
+    metrics.update(timer.phases())
     grid = previews.group_grid(images, list(range(len(texts))), rewards.values.tolist(), texts)
     return metrics, grid
 
@@ -185,19 +185,10 @@ def _check_resumed_config(state: TrainerState, job: TrainJob) -> None:
     if not isinstance(saved, dict):
         return
     now = job.run_config()
-    changed = [k for k in _RUN_KEYS if k in saved and _plain(saved[k]) != _plain(now[k])]
+    changed = [k for k in _RUN_KEYS if k in saved and jsonable(saved[k]) != jsonable(now[k])]  # tuples as lists
     if changed:
         log.warning("%s: resuming %s with other settings than its checkpoint (%s); the run continues, but it is "
                     "no longer the run the checkpoint came from", job.node, state.run_name, ", ".join(changed))
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so a setting compares equal after a JSON round trip."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _save(state: TrainerState, job: TrainJob) -> TrainerState:

@@ -137,14 +137,14 @@ def grpo_update(state: TrainerState, rollout: Rollout, rewards: Rewards, setting
         with torch.inference_mode(False):
             ema_updated = state.ema.step(lora_io.trainable_params(state), state.iteration)
     values = rewards.values.double()
-    phases = timer.metrics()
+    phases = timer.phases()
     metrics.update(reward_mean=float(values.mean()), reward_std=float(values.std(unbiased=False)),
                    zero_std_ratio=float(adv.zero_std_ratio), iteration=state.iteration + 1,
                    seconds=phases["time_update_s"], ema_updated=ema_updated, offloaded=len(offloaded),
                    sde_steps=[i for i, s in enumerate(spec.sde_mask) if s], train_steps=spec.train_steps)
     metrics.update(rollout.stats)
     metrics.update(rewards.stats)
-    metrics.update({k: v for k, v in phases.items() if k != "time_total_s"})
+    metrics.update(phases)
     for name, component in rewards.components:
         if len(rewards.components) > 1:
             metrics[f"reward_{name}"] = float(component.double().mean())
