@@ -35,9 +35,8 @@ import signal
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from comfy_bench import comfy_in_process
+from comfy_bench import bench_home, comfy_in_process, load_demo_models, node_inputs
 
 #: inputs that, when the node has them, would add work to some iterations; off for a timing of the loop itself
 OFF_WHEN_PRESENT = dict(eval_steps=0, eval_every=0, sample_every=0, tensorboard=False, ema_decay=0.0,
@@ -154,29 +153,16 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still deletes its throw-away home
     node, run = comfy_in_process()
-    import folder_paths
     import torch
-    from flowgrpo.demo_models import build_demo_models
     from flowgrpo.example_specs import TINY_DEMO_TRAIN
 
-    models_dir = Path(folder_paths.get_folder_paths("diffusion_models")[0]).parent
-    home = models_dir.parent
-    if not home.name.startswith("flowgrpo_bench_"):  # the throw-away home of comfy_in_process, deleted at the end
-        raise SystemExit(f"unexpected ComfyUI home {home}")
+    home = bench_home()
     try:
-        names = build_demo_models(models_dir)
-        (model,) = run("UNETLoader", unet_name=names["diffusion_model"], weight_dtype="default")
-        (clip,) = run("CLIPLoader", clip_name=names["text_encoder"], type="sd3", device="default")
-        (vae,) = run("VAELoader", vae_name=names["vae"])
-
+        demo = load_demo_models(run)
         train_cls = node["FlowGRPOTrain"]
         defaults, required = schema_inputs(train_cls)
-        base = dict(defaults, **{k: v for k, v in TINY_DEMO_TRAIN.items() if k in defaults or k in required})
-        base.update({k: v for k, v in OFF_WHEN_PRESENT.items() if k in defaults})
-        base.update(model=model, clip=clip, vae=vae, iterations=args.iterations)
-        missing = required - set(base)
-        if missing:
-            raise SystemExit(f"FlowGRPOTrain has required inputs this bench does not fill: {sorted(missing)}")
+        base = node_inputs((defaults, required), TINY_DEMO_TRAIN, OFF_WHEN_PRESENT, model=demo["diffusion_model"],
+                           clip=demo["text_encoder"], vae=demo["vae"], iterations=args.iterations)
         configs = ["full", "window"] + [c for c in args.configs if c not in ("full", "window")]
         unknown = {k for c in configs for k in CONFIGS[c] if k not in defaults and k != "window_end"}
         if unknown:

@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from .sde import SDE_KINDS
+from .sde import SDE_KINDS, max_value, per_sample
 
 STD_MODES = ("global", "group")
 AGGREGATION_MODES = ("weighted_sum", "normalize_then_weight")
@@ -296,17 +296,6 @@ def clipped_surrogate_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
     return torch.maximum(unclipped, clipped).mean()
 
 
-def _per_sample_delta(delta, like: torch.Tensor) -> torch.Tensor:
-    """``delta`` (float, 0-d or ``[B]``) as fp32 ``[B]`` on ``like.device``."""
-    d = torch.as_tensor(delta, dtype=torch.float32, device=like.device).detach()
-    if d.dim() == 0:
-        d = d.expand(like.shape[0])
-    d = d.reshape(-1)
-    if d.shape[0] != like.shape[0]:
-        raise ValueError(f"delta has {d.shape[0]} values for a batch of {like.shape[0]}; give a scalar or one per sample")
-    return d
-
-
 def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, delta=None, form: str = "exact",
                     kind: Optional[str] = None) -> torch.Tensor:
     """KL(N(mean, std^2) || N(ref_mean, std^2)) of one step, reduced to ``[B]`` fp32.
@@ -351,10 +340,9 @@ def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tenso
     if form == "reference" and kind in ("flow_sde", "dance_sde"):
         if delta is None:
             raise ValueError(f"form='reference' with kind {kind!r} needs delta = sigma_next - sigma")
-        d = _per_sample_delta(delta, mu)
-        if bool((d >= 0).any()):
+        if max_value(delta) >= 0:  # a float is checked on the host; a tensor costs one device sync
             raise ValueError("delta = sigma_next - sigma must be < 0 (sigmas decrease)")
-        kl = kl * (-d)
+        kl = kl * (-per_sample(delta, mu, "delta").reshape(-1))
     return kl
 
 

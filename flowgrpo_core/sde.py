@@ -53,8 +53,14 @@ class SDEStepOutput:
     std: torch.Tensor
 
 
-def _per_sample(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
-    """``value`` (a float, a 0-d tensor or a ``[B]`` tensor) as fp32 ``[B, 1, ..., 1]`` broadcastable to ``like``."""
+def per_sample(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` (a float, a 0-d tensor or a ``[B]`` tensor) as fp32 ``[B, 1, ..., 1]`` broadcastable to ``like``.
+
+    A Python number becomes a fill on ``like``'s device (no host-to-device copy, which would wait for the device).
+    """
+    if isinstance(value, (int, float)):
+        return torch.full((like.shape[0], *([1] * (like.dim() - 1))), float(value), dtype=torch.float32,
+                          device=like.device)
     t = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     if t.dim() == 0:
         t = t.expand(like.shape[0])
@@ -64,11 +70,13 @@ def _per_sample(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _lowest(v: Scalar) -> float:
+def min_value(v: Scalar) -> float:
+    """The smallest value of a float or tensor (a tensor on a device costs one sync)."""
     return float(v.min()) if isinstance(v, torch.Tensor) else float(v)
 
 
-def _highest(v: Scalar) -> float:
+def max_value(v: Scalar) -> float:
+    """The largest value of a float or tensor (a tensor on a device costs one sync)."""
     return float(v.max()) if isinstance(v, torch.Tensor) else float(v)
 
 
@@ -77,18 +85,18 @@ def check_noise_level(kind: str, noise_level: Scalar) -> None:
     euler_ancestral, whose eta is a share of the noise). Plain floats are checked without touching a device."""
     if kind not in SDE_KINDS:
         raise ValueError(f"unknown SDE kind {kind!r}: sde_kind must be one of {', '.join(SDE_KINDS)}")
-    if _lowest(noise_level) < 0:
+    if min_value(noise_level) < 0:
         raise ValueError("noise_level must be >= 0")
-    if kind in BOUNDED_LEVEL_KINDS and _highest(noise_level) > 1:
+    if kind in BOUNDED_LEVEL_KINDS and max_value(noise_level) > 1:
         raise ValueError(f"{kind} takes a noise level (eta) in [0, 1]")
 
 
 def _check_step(kind: str, sigma: Scalar, sigma_next: Scalar, noise_level: Scalar) -> None:
     """Validate a step's kind, sigmas and noise level (plain floats are checked without touching a device)."""
     check_noise_level(kind, noise_level)
-    if _lowest(sigma) <= 0 or _highest(sigma) > 1 + SIGMA_ONE_ATOL or _lowest(sigma_next) < 0:
+    if min_value(sigma) <= 0 or max_value(sigma) > 1 + SIGMA_ONE_ATOL or min_value(sigma_next) < 0:
         raise ValueError("sigmas must lie in [0, 1] with the current sigma > 0 (flow convention, sigma = 1 is noise)")
-    if _highest(sigma_next - sigma) >= 0:
+    if max_value(sigma_next - sigma) >= 0:
         raise ValueError("sigma_next must be strictly below sigma: the sigma grid must decrease strictly "
                          "(a repeated or reversed sigma gives a zero-variance step)")
 
@@ -96,17 +104,19 @@ def _check_step(kind: str, sigma: Scalar, sigma_next: Scalar, noise_level: Scala
 def velocity_from_denoised(sample: torch.Tensor, denoised: torch.Tensor, sigma: Scalar) -> torch.Tensor:
     """ComfyUI's flow models return the denoised ``x0_hat = x - sigma * v``; recover ``v = (x - x0_hat) / sigma`` in fp32.
 
-    ``sigma`` must be > 0 (the current sigma of a step never is 0).
+    ``sigma`` must be > 0 (the current sigma of a step never is 0). A Python number is checked; a tensor is not
+    (the check would wait for the device on every model call): its caller guarantees it, as the validated
+    :class:`~flowgrpo_core.rollout.RolloutSpec` grid does.
     """
-    s = _per_sample(sigma, sample, "sigma")
-    if bool((s <= 0).any()):
+    if isinstance(sigma, (int, float)) and not sigma > 0:
         raise ValueError("velocity_from_denoised needs sigma > 0; the current sigma of a step is never 0")
+    s = per_sample(sigma, sample, "sigma")
     return (sample.float() - denoised.float()) / s
 
 
 def denoised_from_velocity(sample: torch.Tensor, velocity: torch.Tensor, sigma: Scalar) -> torch.Tensor:
     """Inverse of :func:`velocity_from_denoised`: ``x0_hat = x - sigma * v`` in fp32."""
-    return sample.float() - _per_sample(sigma, sample, "sigma") * velocity.float()
+    return sample.float() - per_sample(sigma, sample, "sigma") * velocity.float()
 
 
 def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -152,9 +162,9 @@ def sde_mean_std(kind: str, sample: torch.Tensor, velocity: torch.Tensor, sigma:
     v = velocity.float()
     if v.shape != x.shape:
         raise ValueError(f"velocity shape {tuple(v.shape)} does not match sample shape {tuple(x.shape)}")
-    s = _per_sample(sigma, x, "sigma")
-    s_next = _per_sample(sigma_next, x, "sigma_next")
-    a = _per_sample(noise_level, x, "noise_level")
+    s = per_sample(sigma, x, "sigma")
+    s_next = per_sample(sigma_next, x, "sigma_next")
+    a = per_sample(noise_level, x, "noise_level")
     delta = s_next - s
 
     if kind == "ode":

@@ -89,43 +89,45 @@ class GRPOTrainer:
                              f"got {len(chunks)}; lower optimizer_steps or the micro-batch size")
         groups = [chunks[k::cfg.optimizer_steps] for k in range(cfg.optimizer_steps)]
         steps = spec.train_steps
+        # per (trained step, sample) records kept on the device: no host synchronisation between steps, only one
+        # finiteness check per optimizer step (which the gradient clip needs anyway)
         new_lp = torch.zeros((len(steps), batch), dtype=torch.float32, device=advantages.device)
-        losses, kls, grad_norms = [], [], []
-        first_group_log_ratio = 0.0
-        for g, group in enumerate(groups):
+        step_losses = torch.zeros((len(steps), batch), dtype=torch.float32, device=advantages.device)
+        step_kls = torch.zeros_like(step_losses)
+        columns = [torch.cat([torch.arange(c.start, c.stop) for c in group]).to(new_lp.device) for group in groups]
+        grad_norms = []
+        for group, group_columns in zip(groups, columns):
             self.optimizer.zero_grad(set_to_none=True)
             group_size = sum(c.stop - c.start for c in group)
             for chunk in group:
                 weight = (chunk.stop - chunk.start) / group_size / len(steps)
                 for row, j in enumerate(steps):
                     loss, kl, log_prob = self._step_loss(trajectory, j, chunk, advantages)
-                    if not bool(torch.isfinite(loss)):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        raise FloatingPointError(f"non-finite loss at step {j}; the update was skipped and the "
-                                                 "adapter is unchanged (lower the learning rate or check the rewards)")
                     (loss * weight).backward()
                     new_lp[row, chunk] = log_prob
-                    losses.append(float(loss.detach()) * weight)
-                    kls.append(float(kl))
-                    if g == 0:
-                        d = (log_prob - trajectory.log_probs[j, chunk]).abs().max()
-                        first_group_log_ratio = max(first_group_log_ratio, float(d))
+                    step_losses[row, chunk] = loss.detach()
+                    step_kls[row, chunk] = kl
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm or float("inf"))
-            if not bool(torch.isfinite(norm)):
+            group_losses = step_losses[:, group_columns]
+            if not bool(torch.isfinite(torch.cat([group_losses.flatten(), norm.reshape(1).float()])).all()):
                 self.optimizer.zero_grad(set_to_none=True)
+                bad = (~torch.isfinite(group_losses)).any(dim=1).nonzero().flatten().tolist()
+                if bad:
+                    raise FloatingPointError(f"non-finite loss at step {steps[bad[0]]}; the update was skipped and "
+                                             "the adapter is unchanged (lower the learning rate or check the rewards)")
                 raise FloatingPointError("non-finite gradient norm; the optimizer step was skipped and the adapter "
                                          "is unchanged (lower the learning rate)")
-            grad_norms.append(float(norm))
+            grad_norms.append(norm.detach())
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
         old_lp = trajectory.log_probs[steps]
         metrics = policy_metrics(new_lp.flatten(), old_lp.flatten(), cfg.clip_range)
-        metrics.update(
-            loss=sum(losses) / len(groups),
-            kl=sum(kls) / max(len(kls), 1),
-            grad_norm=sum(grad_norms) / len(grad_norms),
-            first_log_ratio_abs_max=first_group_log_ratio,
+        metrics.update(  # the loss each optimizer step minimised (a mean over its samples and steps), averaged
+            loss=float(torch.stack([step_losses[:, c].mean() for c in columns]).mean()),
+            kl=float(step_kls.mean()),
+            grad_norm=float(torch.stack(grad_norms).mean()),
+            first_log_ratio_abs_max=float((new_lp[:, columns[0]] - old_lp[:, columns[0]]).abs().max()),
             trained_steps=float(len(steps)),
         )
         return metrics

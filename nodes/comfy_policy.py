@@ -35,9 +35,12 @@ __all__ = [
     "attach_trainable_lora",
     "lora_adapters",
     "lora_disabled",
+    "merged_lora_weights",
     "make_inference_params_trainable_",
     "encode_conditioning",
+    "batch_branches",
     "cfg_norm_rescale",
+    "mutates_saved_tensors",
     "gradient_checkpointing",
     "ComfyFlowPolicy",
 ]
@@ -82,12 +85,24 @@ def _switchable_lora_class() -> type:
     from comfy.weight_adapter.lora import LoraDiff
 
     class SwitchableLoraDiff(LoraDiff):
-        """``w + alpha / rank * up @ down`` while ``enabled``; ``w`` unchanged otherwise (the reference policy)."""
+        """``w + alpha / rank * up @ down`` while ``enabled``; ``w`` unchanged otherwise (the reference policy).
+
+        While ``merged`` is a dict (:func:`merged_lora_weights`), a call without gradients returns the merged weight
+        computed at its first call for that dtype and device, instead of merging again at every forward.
+        """
 
         enabled = True
+        merged: Optional[dict] = None
 
         def __call__(self, w: torch.Tensor) -> torch.Tensor:
-            return super().__call__(w) if self.enabled else w
+            if not self.enabled:
+                return w
+            if self.merged is None or torch.is_grad_enabled():
+                return super().__call__(w)
+            key = (w.dtype, w.device, tuple(w.shape))
+            if key not in self.merged:
+                self.merged[key] = super().__call__(w)
+            return self.merged[key]
 
     return SwitchableLoraDiff
 
@@ -188,6 +203,34 @@ def lora_disabled(patcher: Any) -> Iterator[None]:
             a.enabled = was
 
 
+@contextlib.contextmanager
+def merged_lora_weights(patcher: Any, headroom: float = 1.25) -> Iterator[bool]:
+    """Within the context (a rollout: the LoRA and the base weights do not change), every FlowGRPO adapter of
+    ``patcher`` merges its weight once, at its first forward without gradients, and reuses it: ComfyUI's weight
+    adapters otherwise compute ``w + scale * up @ down`` for every Linear at every forward, a cost that does not
+    shrink with the batch (at FLUX width and few tokens, more than the forward itself). The merged weights are
+    bitwise those a forward computes, so replaying the rollout gives the same log-probs.
+
+    Costs one extra copy of the adapted weights while the context lasts; yields False (and merges per forward as
+    before) when the load device has less than ``headroom`` times that free, or the patcher has no adapter.
+    """
+    import comfy.model_management
+
+    adapters = lora_adapters(patcher)
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    size = sum(a.lora_up.weight.shape[0] * a.lora_down.weight.shape[1] for a in adapters) * dtype.itemsize
+    if not adapters or size * headroom > comfy.model_management.get_free_memory(patcher.load_device):
+        yield False
+        return
+    for a in adapters:
+        a.merged = {}
+    try:
+        yield True
+    finally:
+        for a in adapters:
+            a.merged = None
+
+
 # ----------------------------------------------------------------------------------------------- conditioning
 _UNSUPPORTED_COND_KEYS = ("area", "mask", "control", "gligen", "hooks", "timestep_start", "timestep_end")
 
@@ -241,6 +284,27 @@ def encode_conditioning(patcher: Any, positive: list, negative: Optional[list], 
 
 
 # ----------------------------------------------------------------------------------------------- CFG
+def batch_branches(positive: dict, negative: dict) -> Optional[dict]:
+    """The ``apply_model`` kwargs of both CFG branches as one batch (positive rows, then negative), or None when
+    they cannot be batched exactly: other keys, tensors of other shapes (prompt and negative of different token
+    lengths) or non-tensor values that differ. ComfyUI's sampler repeats shorter token sequences to batch them;
+    that changes joint attention (SD3, FLUX, Qwen-Image), so here the branches then run as two forwards."""
+    if positive.keys() != negative.keys():
+        return None
+    both = {}
+    for key, p in positive.items():
+        q = negative[key]
+        if isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor) and p.dim() > 0:
+            if p.shape != q.shape or p.dtype != q.dtype:
+                return None
+            both[key] = torch.cat([p, q])
+        elif p is q or (isinstance(p, (bool, int, float, str)) and type(p) is type(q) and p == q):
+            both[key] = p
+        else:
+            return None
+    return both
+
+
 def cfg_norm_rescale(guided: torch.Tensor, cond: torch.Tensor, patch_size: int = 2) -> torch.Tensor:
     """Qwen-Image's rescale ``v = guided * ||cond|| / ||guided||``, norms per token over its values.
 
@@ -271,11 +335,26 @@ def _blocks(diffusion_model: nn.Module) -> list[nn.Module]:
     return [b for child in diffusion_model.children() if isinstance(child, nn.ModuleList) for b in child]
 
 
+def mutates_saved_tensors(base_model: Any) -> bool:
+    """Whether ``base_model``'s blocks update in place tensors that autograd saves: ComfyUI's FLUX double and single
+    blocks (``img += ...``) and SD3's optional context processor (``x += ...``) do; SD3's joint blocks and
+    Qwen-Image's blocks do not. Unknown model classes count as mutating (the safe choice)."""
+    try:
+        family = model_family(base_model)
+    except ValueError:
+        return True
+    if family == "sd3":
+        return getattr(base_model.diffusion_model, "context_processor", None) is not None
+    return family == "flux"
+
+
 @contextlib.contextmanager
-def gradient_checkpointing(patcher: Any, enabled: bool = True) -> Iterator[int]:
+def gradient_checkpointing(patcher: Any, enabled: bool = True, copy_inputs: bool = True) -> Iterator[int]:
     """Within the context, each transformer block of ``patcher``'s diffusion model recomputes its activations in the
     backward pass instead of storing them (``torch.utils.checkpoint``, non-reentrant) whenever gradients are on.
-    Yields the number of wrapped blocks; the blocks are restored on exit (they are shared with the input MODEL)."""
+    ``copy_inputs``: the block works on copies of its inputs (needed when it updates them in place, see
+    :func:`mutates_saved_tensors`). Yields the number of wrapped blocks; the blocks are restored on exit (they are
+    shared with the input MODEL)."""
     if not enabled:
         yield 0
         return
@@ -291,7 +370,7 @@ def gradient_checkpointing(patcher: Any, enabled: bool = True) -> Iterator[int]:
             copy = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
             return _plain(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
 
-        def checkpointed(*args: Any, _plain=plain, _copies=on_copies, **kwargs: Any) -> Any:
+        def checkpointed(*args: Any, _plain=plain, _copies=on_copies if copy_inputs else plain, **kwargs: Any) -> Any:
             if torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(_copies, *args, use_reentrant=False, **kwargs)
             return _plain(*args, **kwargs)
@@ -313,9 +392,10 @@ def _normal(t: torch.Tensor) -> torch.Tensor:
 class ComfyFlowPolicy:
     """A :class:`flowgrpo_core.policy.FlowPolicy` over a patcher returned by :func:`attach_trainable_lora`.
 
-    ``cond`` is :func:`encode_conditioning`'s dict. ``velocity`` runs one ``apply_model`` per branch:
-    ``v = v_u + cfg * (v_c - v_u)`` when ``cfg != 1`` (needs ``cond["negative"]``), then optionally
-    :func:`cfg_norm_rescale` (Qwen-Image). FLUX's guidance travels in ``cond["positive"]["guidance"]``.
+    ``cond`` is :func:`encode_conditioning`'s dict. With ``cfg != 1`` (needs ``cond["negative"]``), ``velocity``
+    runs both branches as one batched ``apply_model`` (:func:`batch_branches`) and returns
+    ``v = v_u + cfg * (v_c - v_u)``, optionally :func:`cfg_norm_rescale`'d (Qwen-Image). FLUX's guidance travels in
+    ``cond["positive"]["guidance"]``.
     """
 
     def __init__(self, patcher: Any, cfg: float = 1.0, norm_rescale: bool = False,
@@ -331,21 +411,26 @@ class ComfyFlowPolicy:
         self.adapters = lora_adapters(patcher)  # empty for a plain MODEL: it can sample but not train
         self.patch_size = int(getattr(patcher.model.diffusion_model, "patch_size", 2))
         self._training_depth = 0
+        self._loaded = False
+        self._options = self._transformer_options()
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """The context every forward *and backward* with gradients must run in (wrap ``GRPOTrainer.update``).
 
-        Leaves ComfyUI's inference mode, enables gradients and allows in-place updates of tensors saved for backward
-        (``torch.autograd.graph.allow_mutation_on_saved_tensors``): ComfyUI's FLUX blocks do ``x += ...`` after a
-        LayerNorm saved ``x``, which plain autograd rejects once a LoRA upstream makes ``x`` require grad. With
-        ``checkpointing`` the transformer blocks recompute their activations in backward (:func:`gradient_checkpointing`);
-        the mutation context is then left out: it cannot be combined with recomputation, and the checkpointed blocks
-        work on copies of their inputs.
+        Leaves ComfyUI's inference mode and enables gradients. For models whose blocks update tensors saved for
+        backward in place (:func:`mutates_saved_tensors`: ComfyUI's FLUX blocks do ``x += ...`` after a LayerNorm
+        saved ``x``, which plain autograd rejects once a LoRA upstream makes ``x`` require grad) it also allows that
+        (``torch.autograd.graph.allow_mutation_on_saved_tensors``, which watches every operation and so costs
+        time); other models train without it. With ``checkpointing`` the transformer blocks recompute their
+        activations in backward (:func:`gradient_checkpointing`); the mutation context is then left out: it cannot
+        be combined with recomputation, and the checkpointed blocks of such models work on copies of their inputs.
         """
-        mutation = contextlib.nullcontext() if self.checkpointing else torch.autograd.graph.allow_mutation_on_saved_tensors()
+        mutates = mutates_saved_tensors(self.patcher.model)
+        mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if mutates and not self.checkpointing \
+            else contextlib.nullcontext()
         with torch.inference_mode(False), torch.enable_grad(), mutation, \
-                gradient_checkpointing(self.patcher, self.checkpointing):
+                gradient_checkpointing(self.patcher, self.checkpointing, copy_inputs=mutates):
             self._training_depth += 1
             try:
                 yield
@@ -357,43 +442,80 @@ class ComfyFlowPolicy:
         return (("cfg", self.cfg), ("norm_rescale", self.norm_rescale))
 
     def ensure_loaded(self) -> None:
-        """Make this patcher (with its weight wrappers) the loaded one; fix inference-tensor parameters."""
+        """Make this patcher (with its weight wrappers) the loaded one; fix inference-tensor parameters.
+
+        :meth:`velocity` calls this only when ComfyUI does not list the patcher as loaded (its first call, or after
+        another model took its place): asking the model manager and scanning the modules on every forward costs
+        time that grows with the model's module count.
+        """
         import comfy.model_management
 
         with torch.inference_mode(False):
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
             make_inference_params_trainable_(self.patcher.model)
+        self._loaded = True
 
-    def _branch(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """``v`` ``[b, ...]`` fp32 from one ``apply_model`` (denoised) call with ``kwargs``."""
-        options = self.patcher.model_options.get("transformer_options", {}).copy()
+    def _is_loaded(self) -> bool:
+        import comfy.model_management
+
+        return self._loaded and any(m.model is self.patcher for m in comfy.model_management.current_loaded_models)
+
+    def _transformer_options(self) -> dict:
+        """The patcher's ``transformer_options`` plus its wrappers (as ComfyUI's samplers pass them: a
+        ``TorchCompileModel`` or other ``APPLY_MODEL`` / ``DIFFUSION_MODEL`` wrapper applies here too)."""
+        import comfy.patcher_extension
+
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
+            options.get("wrappers", {}), self.patcher.wrappers, copy_dict1=True)
+        return options
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict, branches: list[int]) -> torch.Tensor:
+        """``v`` ``[b, ...]`` fp32 from one ``apply_model`` (denoised) call; ``branches`` as ComfyUI's
+        ``cond_or_uncond`` (0: positive, 1: negative) for each equal slice of the batch."""
+        options = dict(self._options, cond_or_uncond=branches, sigmas=sigma)
         denoised = self.patcher.model.apply_model(x, sigma, transformer_options=options, **kwargs)
         return velocity_from_denoised(x, denoised, sigma)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        """``v`` ``[b, ...]`` fp32 at ``x`` ``[b, ...]``, ``sigma`` ``[b]``; ``cond`` holds ``b`` samples."""
-        if torch.is_grad_enabled() and not self._training_depth:
+        """``v`` ``[b, ...]`` fp32 at ``x`` ``[b, ...]``, ``sigma`` ``[b]``; ``cond`` holds ``b`` samples.
+
+        With true CFG the two branches run as one forward of ``2b`` samples (positive rows first), as ComfyUI's
+        samplers batch them, whenever their conditionings have the same shapes; otherwise (e.g. prompts of other
+        token lengths than the negative) as two forwards of ``b``. Sampling runs in the caller's grad mode
+        (ComfyUI's inference mode: no copies of the latents); with gradients (``training()``), inference-tensor
+        inputs are cloned, which autograd needs.
+        """
+        grad = torch.is_grad_enabled()
+        if grad and not self._training_depth:
             raise RuntimeError("ComfyFlowPolicy.velocity with gradients must run inside `with policy.training():` "
                                "(forward and backward); use torch.no_grad() for sampling")
         import comfy.model_management
 
         if not self._training_depth or self.interrupt_in_training:  # see __init__
             comfy.model_management.throw_exception_if_processing_interrupted()
-        grad = torch.is_grad_enabled()
-        with torch.inference_mode(False), torch.set_grad_enabled(grad):  # inference_mode(False) turns grad on
+        if not self._is_loaded():
             self.ensure_loaded()
-            device = self.patcher.load_device
-            x, sigma = _normal(x.to(device)), _normal(sigma.to(device))
-            v_c = self._branch(x, sigma, cond["positive"])
-            if self.cfg == 1.0:
-                return v_c
-            if cond.get("negative") is None:
-                raise ValueError(f"cfg {self.cfg} needs a negative conditioning")
-            v_u = self._branch(x, sigma, cond["negative"])
-            v = v_u + self.cfg * (v_c - v_u)
-            if self.norm_rescale:
-                v = cfg_norm_rescale(v, v_c, self.patch_size)
-            return v
+        device = self.patcher.load_device
+        x, sigma = x.to(device), sigma.to(device)
+        if grad:
+            x, sigma = _normal(x), _normal(sigma)
+        if self.cfg == 1.0:
+            return self._denoise(x, sigma, cond["positive"], [0])
+        if cond.get("negative") is None:
+            raise ValueError(f"cfg {self.cfg} needs a negative conditioning")
+        both = batch_branches(cond["positive"], cond["negative"])
+        if both is not None:
+            n = x.shape[0]
+            v = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both, [0, 1])
+            v_c, v_u = v[:n], v[n:]
+        else:
+            v_c = self._denoise(x, sigma, cond["positive"], [0])
+            v_u = self._denoise(x, sigma, cond["negative"], [1])
+        v = v_u + self.cfg * (v_c - v_u)
+        if self.norm_rescale:
+            v = cfg_norm_rescale(v, v_c, self.patch_size)
+        return v
 
     def reference(self):
         return lora_disabled(self.patcher)

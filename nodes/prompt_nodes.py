@@ -22,7 +22,7 @@ import hashlib
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from comfy_api.latest import io
@@ -218,14 +218,14 @@ def _with_guidance(conditioning: list, guidance: float) -> list:
 
 def encode_prompt_batch(clip: Any, prompts: list[str], negative_prompt: str, prompts_per_iteration: int,
                         group_size: int, iteration: int, seed: int, flux_guidance: float,
-                        node: str = NODE_NAME) -> tuple[list, list, PromptBatch]:
+                        node: str = NODE_NAME, cache: Optional[EncodingCache] = None) -> tuple[list, list, PromptBatch]:
     """Draw the prompts of ``iteration`` and encode them: ``(positive, negative, PromptBatch)``.
 
     ``GroupSampler(len(prompts), P, G, seed, rank=0, world_size=1).sample(iteration)`` picks the prompts; each
     distinct text is encoded once (:func:`encode_text`). ``positive``: ``[[cond [B, T, C], {...}]]`` with
     ``B = P * G`` rows in sample order; ``negative``: ``negative_prompt`` encoded once and repeated to ``B`` rows.
     Both carry ``guidance = flux_guidance`` (read by FLUX-family models, ignored by others). Node errors name
-    ``node``.
+    ``node``. A ``cache`` keeps the encodings across calls (the all-in-one train loop holds one per run).
     """
     if clip is None:
         raise node_error(node, "the clip input is empty (None)",
@@ -242,22 +242,40 @@ def encode_prompt_batch(clip: Any, prompts: list[str], negative_prompt: str, pro
         raise node_error(node, str(exc), "check prompts_per_iteration, group_size and iteration") from None
 
     chosen = [prompts[i] for i in batch.prompts.tolist()]
-    positive, negative = encode_texts(clip, chosen, negative_prompt, batch.group_size, flux_guidance, node)
+    positive, negative = encode_texts(clip, chosen, negative_prompt, batch.group_size, flux_guidance, node, cache)
     indices = tuple(batch.prompt_indices.tolist())
     groups = PromptBatch(texts=tuple(prompts[i] for i in indices), group_ids=batch.group_ids.clone(),
                          prompt_indices=indices, iteration=batch.iteration, group_size=batch.group_size)
     return positive, negative, groups
 
 
+class EncodingCache:
+    """Text encodings of one CLIP kept across iterations of a run (the text encoder is frozen, so an encoding never
+    changes): at most ``max_bytes`` of tensors, the least recently used dropped first."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = int(max_bytes)
+        self.entries: dict[str, tuple[list, int]] = {}
+
+    def get(self, clip: Any, text: str, node: str = NODE_NAME) -> list:
+        if text in self.entries:
+            self.entries[text] = self.entries.pop(text)  # most recently used last
+            return self.entries[text][0]
+        cond = encode_text(clip, text, node)
+        size = sum(t.nbytes for entry in cond for t in [entry[0], *entry[1].values()] if isinstance(t, torch.Tensor))
+        self.entries[text] = (cond, size)
+        while sum(n for _, n in self.entries.values()) > self.max_bytes and len(self.entries) > 1:
+            self.entries.pop(next(iter(self.entries)))
+        return cond
+
+
 def encode_texts(clip: Any, texts: list[str], negative_prompt: str, repeats: int, flux_guidance: float,
-                 node: str = NODE_NAME) -> tuple[list, list]:
-    """``(positive, negative)``: ``texts`` encoded (each distinct text once) and batched with every row repeated
-    ``repeats`` times in order (``B = len(texts) * repeats``), ``negative_prompt`` repeated to ``B`` rows; both
-    carry ``guidance = flux_guidance``."""
-    encoded: dict[str, list] = {}
-    for text in [*texts, negative_prompt]:
-        if text not in encoded:
-            encoded[text] = encode_text(clip, text, node)
+                 node: str = NODE_NAME, cache: Optional[EncodingCache] = None) -> tuple[list, list]:
+    """``(positive, negative)``: ``texts`` encoded (each distinct text once; with ``cache``, once per run) and
+    batched with every row repeated ``repeats`` times in order (``B = len(texts) * repeats``), ``negative_prompt``
+    repeated to ``B`` rows; both carry ``guidance = flux_guidance``."""
+    cache = cache or EncodingCache()
+    encoded = {text: cache.get(clip, text, node) for text in dict.fromkeys([*texts, negative_prompt])}
     try:
         positive = batch_conditionings([encoded[t] for t in texts], repeats)
         negative = batch_conditionings([encoded[negative_prompt]], len(texts) * repeats)

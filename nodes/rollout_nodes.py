@@ -21,7 +21,7 @@ from ..flowgrpo_core.rollout import RolloutSpec, sample_trajectory
 from ..flowgrpo_core.sde import SDE_KINDS, check_noise_level
 from ..flowgrpo_core.seeding import iteration_generator
 from ..flowgrpo_core.windows import STEP_MODES, StepSelection, select_steps
-from .comfy_policy import ComfyFlowPolicy, encode_conditioning
+from .comfy_policy import ComfyFlowPolicy, encode_conditioning, merged_lora_weights
 from .model_adapter import require_flow_model
 from .always_run import AlwaysRun
 from .state import GROUPS, ROLLOUT, PromptBatch, Rollout, node_error
@@ -279,7 +279,7 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     sigma0 = spec.sigmas[0]
     x_start = (sigma0 * noise + (1.0 - sigma0) * clean).to(device)
     generator = iteration_generator(seed, iteration, "sde", device=device)
-    with timer.phase("rollout"):
+    with timer.phase("rollout"), merged_lora_weights(model):
         trajectory = sample_trajectory(policy, x_start, cond, spec, generator=generator,
                                        callback=_step_callback(model, n, preview))
     out = {"samples": model.model.process_latent_out(trajectory.final.float()).cpu()}

@@ -34,7 +34,7 @@ from ..flowgrpo.report import format_metrics
 from ..flowgrpo_core.metrics_log import MetricsLog, jsonable
 from ..flowgrpo_core.profiling import PhaseTimer
 from . import lora_io, previews
-from .prompt_nodes import encode_prompt_batch, encode_texts
+from .prompt_nodes import EncodingCache, encode_prompt_batch, encode_texts
 from .reward_model_nodes import score_images
 from .reward_nodes import compute_simple_reward, images_as_batch
 from .rollout_nodes import SamplingSettings, make_sigmas, run_rollout
@@ -77,6 +77,8 @@ class TrainJob:
     sample_every: int = 0
     tensorboard: bool = False
     extra: dict = field(default_factory=dict)
+    #: the prompts' text encodings, kept for the whole run (the text encoder is frozen)
+    encodings: EncodingCache = field(default_factory=EncodingCache)
 
     def run_config(self) -> dict:
         """The settings that decide the run (JSON data), saved with every checkpoint."""
@@ -113,7 +115,7 @@ def _iteration(state: TrainerState, job: TrainJob) -> tuple[TrainerState, dict, 
     with timer.phase("prompts"):
         positive, negative, groups = encode_prompt_batch(job.clip, job.prompts, job.negative_prompt,
                                                          job.prompts_per_iteration, job.group_size, it, job.seed,
-                                                         job.flux_guidance, node=job.node)
+                                                         job.flux_guidance, node=job.node, cache=job.encodings)
     rollout, latent = run_rollout(state.patcher, positive, negative, job.sampling, seed=job.seed, iteration=it,
                                   width=job.width, height=job.height, groups=groups, preview=False, node=job.node)
     with timer.phase("decode"):
@@ -135,7 +137,8 @@ def eval_images(state: TrainerState, job: TrainJob) -> torch.Tensor:
 
     texts = _eval_texts(job)
     model = state.patcher
-    positive, negative = encode_texts(job.clip, texts, job.negative_prompt, 1, job.flux_guidance, node=job.node)
+    positive, negative = encode_texts(job.clip, texts, job.negative_prompt, 1, job.flux_guidance, node=job.node,
+                                      cache=job.encodings)
     latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(len(texts), 4, job.height // 8,
                                                                         job.width // 8))
     noise = comfy.sample.prepare_noise(latent, job.seed)

@@ -16,8 +16,9 @@ if _REPO_ROOT not in sys.path:  # the `flowgrpo` tooling package; appended so Co
 from flowgrpo.server import MODEL_FOLDERS, make_home  # noqa: E402,F401  (make_home: re-exported)
 
 
-def setup_inprocess(comfyui_root: Path, comfy_home: Path):
-    """ComfyUI importable in this process, on CPU, with its folders pointed at ``comfy_home``; returns folder_paths."""
+def setup_inprocess(comfyui_root: Path, comfy_home: Path, cpu: bool = True):
+    """ComfyUI importable in this process, on CPU (``cpu=False``: ComfyUI's own device choice, for the GPU
+    benchmarks), with its folders pointed at ``comfy_home``; returns folder_paths."""
     root = str(comfyui_root)
     if root not in sys.path:
         sys.path.insert(0, root)
@@ -25,7 +26,7 @@ def setup_inprocess(comfyui_root: Path, comfy_home: Path):
 
     args = comfy.cli_args.args
     if "comfy.model_management" not in sys.modules:  # it reads args.cpu once, at import
-        args.cpu = True
+        args.cpu = cpu
     args.disable_api_nodes = True
     args.base_directory = str(comfy_home)
     # main.py imports ComfyUI's `utils` package first; nodes.py later puts comfy/ at sys.path[0], after which a bare

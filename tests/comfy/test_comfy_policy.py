@@ -284,3 +284,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, mods, run_node, t
     assert len(grads[True]) == len(grads[False]) > 0
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+def test_mutation_context_only_for_models_that_update_saved_tensors_in_place(kind, mods, run_node, tiny_sd3_file):
+    """``allow_mutation_on_saved_tensors`` watches every operation; the policy uses it only where plain autograd
+    fails: ComfyUI's FLUX blocks (``img += ...``). SD3 and Qwen-Image train with plain autograd."""
+    P = mods.policy
+    patcher, lora = P.attach_trainable_lora(_load(kind, run_node, tiny_sd3_file), rank=4, alpha=4.0,
+                                            targets="attention_mlp", seed=0)
+    with torch.no_grad():
+        for k, p in lora.items():
+            if k.endswith("lora_up.weight"):
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(k)))
+    assert P.mutates_saved_tensors(patcher.model) == (kind == "flux")
+    pos, _ = _conds(kind)
+    cond = P.encode_conditioning(patcher, pos, None, 2, tiny_models.latent_shape(kind, 2))
+    x = tiny_models.random_latent(kind, batch=2, seed=5)
+    P.ComfyFlowPolicy(patcher).ensure_loaded()
+    params = [p for p in lora.values() if p.requires_grad]
+    with torch.inference_mode(False), torch.enable_grad():  # plain autograd, no mutation context
+        loss = patcher.model.apply_model(x, torch.tensor([0.9, 0.4]), **cond["positive"]).square().mean()
+        if kind == "flux":
+            with pytest.raises(RuntimeError, match="inplace"):
+                loss.backward()
+        else:
+            loss.backward()
+            assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in params)

@@ -6,8 +6,9 @@ network is instrumented, not the pack: :class:`forward_probe.ForwardProbe` hooks
 records its timestep (mapped back to the rollout's sigma grid), grad mode, batch, inputs, output and whether the LoRA
 adapters were active.
 
-Layout found in the code (``nodes.comfy_policy.ComfyFlowPolicy.velocity``): true CFG runs two forwards of the same
-batch per velocity, the positive conditioning first, then the negative; they are not batched into one ``2B`` forward.
+Layout (``nodes.comfy_policy.ComfyFlowPolicy.velocity``): true CFG runs one forward of ``2b`` rows per velocity of a
+micro-batch of ``b`` (positive rows first, then negative), as ComfyUI's samplers batch them; only conditionings of
+different shapes (a negative of another token length) fall back to two forwards of ``b``.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def update(mods, run_node, trainer, ro, **overrides):
                     **dict(UPDATE_DEFAULTS, **overrides))
 
 
-def branches(ro) -> int:
-    """Forwards per velocity: 2 with true CFG (positive, then negative), 1 without."""
+def cfg_rows(ro) -> int:
+    """Rows per sample in a forward: 2 with true CFG (positive and negative batched), 1 without."""
     return 1 if dict(ro.trajectory.spec.extras)["cfg"] == 1.0 else 2
 
 
@@ -146,21 +147,20 @@ def test_stochastic_and_trained_steps_follow_the_step_plan(mode, mods, run_node,
         assert bool(torch.isfinite(traj.log_probs[sde_rows]).all()) and bool((traj.log_probs[sde_rows] != 0).all())
         assert bool((traj.log_probs[~sde_rows] == 0).all())
 
-        # the rollout runs every step once per micro-batch and branch, without grad, with the LoRA
-        n_chunks, n_branches = len(spec.chunks(BATCH)), branches(ro)
-        per_step = n_chunks * n_branches
+        # the rollout runs every step once per micro-batch, without grad, with the LoRA
+        per_step, rows = len(spec.chunks(BATCH)), spec.micro_batch_size * cfg_rows(ro)
         assert_forwards(probe, probe.of(f"rollout{iteration}"), spec.sigmas, grad=False, lora=True,
-                        counts={i: per_step for i in range(STEPS)}, batch=spec.micro_batch_size)
-        # the update (no KL) runs with grad exactly at the trained steps, once per micro-batch and branch
+                        counts={i: per_step for i in range(STEPS)}, batch=rows)
+        # the update (no KL) runs with grad exactly at the trained steps, once per micro-batch
         assert_forwards(probe, probe.of(f"update{iteration}"), spec.sigmas, grad=True, lora=True,
-                        counts={j: per_step for j in spec.train_steps}, batch=spec.micro_batch_size)
+                        counts={j: per_step for j in spec.train_steps}, batch=rows)
     if mode == "sliding_window":
         assert plans[0] != plans[1], f"the window did not move: {plans}"
 
 
 # ----------------------------------------------------------------------------------------- 2. CFG-free
 @pytest.mark.parametrize("cfg", [1.0, 4.5])
-def test_cfg_free_runs_one_branch_and_cfg_two_forwards_of_the_whole_batch(cfg, mods, run_node, base_model):
+def test_cfg_free_runs_one_branch_and_cfg_one_forward_of_both_branches(cfg, mods, run_node, base_model):
     trainer, train_model, probe = make_trainer(mods, run_node, base_model, f"cfg_{cfg}")
     with probe:
         with probe.phase("rollout"):
@@ -168,16 +168,48 @@ def test_cfg_free_runs_one_branch_and_cfg_two_forwards_of_the_whole_batch(cfg, m
         with probe.phase("update"):
             update(mods, run_node, trainer, ro, kl_beta=0.0)
     spec, cond = ro.trajectory.spec, ro.trajectory.cond
-    n = 1 if cfg == 1.0 else 2
-    assert branches(ro) == n and ("negative" in cond) == (cfg != 1.0)
-    contexts = [cond["positive"]["c_crossattn"]] + ([cond["negative"]["c_crossattn"]] if n == 2 else [])
-    if n == 2:
-        assert not torch.equal(contexts[0], contexts[1]), "positive and negative must differ for this check to bite"
+    rows = cfg_rows(ro)
+    assert ("negative" in cond) == (cfg != 1.0)
+    context = cond["positive"]["c_crossattn"]
+    if rows == 2:
+        assert not torch.equal(context, cond["negative"]["c_crossattn"]), "positive and negative must differ here"
+        context = torch.cat([context, cond["negative"]["c_crossattn"]])  # positive rows, then negative
     for phase, steps, grad in (("rollout", range(STEPS), False), ("update", spec.train_steps, True)):
         calls = probe.of(phase)
-        assert_forwards(probe, calls, spec.sigmas, grad=grad, lora=True, counts={i: n for i in steps}, batch=BATCH)
-        for k, call in enumerate(calls):  # positive then negative, each over the whole batch
-            torch.testing.assert_close(call.context, contexts[k % n].to(call.context.dtype), rtol=0, atol=0)
+        assert_forwards(probe, calls, spec.sigmas, grad=grad, lora=True, counts={i: 1 for i in steps},
+                        batch=BATCH * rows)
+        for call in calls:
+            torch.testing.assert_close(call.context, context.to(call.context.dtype), rtol=0, atol=0)
+            torch.testing.assert_close(call.x[:BATCH], call.x[-BATCH:], rtol=0, atol=0)  # the same latents twice
+
+
+def test_cfg_branches_of_other_shapes_run_as_two_forwards_with_the_same_guided_velocity(mods, run_node, base_model):
+    """A negative of another token length cannot be batched exactly: positive then negative forward of b each. The
+    batched and the two-forward layouts give the same guided velocity (up to float rounding)."""
+    _, train_model, probe = make_trainer(mods, run_node, base_model, "cfg_shapes")
+    positive = batched_conditioning("sd3", seeds=(3, 5), group=2)
+    x = torch.randn(BATCH, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((BATCH,), 0.7)
+    velocities = {}
+    for tokens in (8, 16):  # the positive has 8 tokens
+        negative = [[t[:, :1].repeat(1, tokens, 1) * 0.5, e] for t, e in batched_conditioning("sd3", (4, 4), 2)]
+        cond = mods.policy.encode_conditioning(train_model, positive, negative, BATCH, x.shape)
+        assert (mods.policy.batch_branches(cond["positive"], cond["negative"]) is None) == (tokens != 8)
+        policy = mods.policy.ComfyFlowPolicy(train_model, cfg=4.5)
+        with probe, probe.phase(f"tokens{tokens}"), torch.inference_mode():
+            velocities[tokens] = policy.velocity(x, sigma, cond)
+        calls = probe.of(f"tokens{tokens}")
+        if tokens == 8:
+            assert [c.batch for c in calls] == [2 * BATCH]
+        else:
+            assert [c.batch for c in calls] == [BATCH, BATCH]
+            assert [c.context.shape[1] for c in calls] == [8, 16]  # positive, then negative
+        # the guided velocity from separate CFG-free evaluations of each branch
+        plain = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
+        with torch.inference_mode():
+            v_c = plain.velocity(x, sigma, {"positive": cond["positive"]})
+            v_u = plain.velocity(x, sigma, {"positive": cond["negative"]})
+        torch.testing.assert_close(velocities[tokens], v_u + 4.5 * (v_c - v_u), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- 3. micro-batches
@@ -191,15 +223,15 @@ def test_micro_batches_have_the_same_layout_in_rollout_and_update(mods, run_node
     spec, traj = ro.trajectory.spec, ro.trajectory
     assert spec.chunks(BATCH) == [slice(0, 2), slice(2, 4)]
     rollout_calls, update_calls = probe.of("rollout"), probe.of("update")
-    assert {c.batch for c in rollout_calls + update_calls} == {2}
+    assert {c.batch for c in rollout_calls + update_calls} == {4}  # 2 samples x (positive, negative)
     rollout_steps, update_steps = probe.steps(rollout_calls, spec.sigmas), probe.steps(update_calls, spec.sigmas)
     for j in spec.train_steps:
         seen = [c for c, s in zip(rollout_calls, rollout_steps) if s == j]
         replayed = [c for c, s in zip(update_calls, update_steps) if s == j]
-        assert len(seen) == len(replayed) == 4  # 2 micro-batches x (positive, negative)
+        assert len(seen) == len(replayed) == 2  # 2 micro-batches, positive and negative rows in one forward
         for k, (a, b) in enumerate(zip(seen, replayed)):
-            chunk = spec.chunks(BATCH)[k // 2]
-            torch.testing.assert_close(a.x, traj.latents[j, chunk].to(a.x.dtype), rtol=0, atol=0)
+            chunk = spec.chunks(BATCH)[k]
+            torch.testing.assert_close(a.x, traj.latents[j, chunk].repeat(2, 1, 1, 1).to(a.x.dtype), rtol=0, atol=0)
             torch.testing.assert_close(b.x, a.x, rtol=0, atol=0)
             torch.testing.assert_close(b.context, a.context, rtol=0, atol=0)
 
@@ -249,15 +281,14 @@ def test_kl_reference_disables_the_adapter_on_the_shared_weights(mods, run_node,
     calls = probe.of("update")
     trained = [c for c in calls if c.grad]
     reference = [c for c in calls if not c.grad]
-    per_step = len(spec.chunks(BATCH)) * branches(ro)
+    per_step, rows = len(spec.chunks(BATCH)), 2 * cfg_rows(ro)
     assert_forwards(probe, trained, spec.sigmas, grad=True, lora=True,
-                    counts={j: per_step for j in spec.train_steps}, batch=2)
+                    counts={j: per_step for j in spec.train_steps}, batch=rows)
     assert_forwards(probe, reference, spec.sigmas, grad=False, lora=False,
-                    counts={j: per_step for j in spec.train_steps}, batch=2)
+                    counts={j: per_step for j in spec.train_steps}, batch=rows)
     assert {c.weight_ptr for c in calls} == {storage[2]}, "a forward ran on other base weights"
     # each reference velocity follows its trained one on the same inputs
-    n = branches(ro)
-    pairs = [(calls[k + m], calls[k + n + m]) for k in range(0, len(calls), 2 * n) for m in range(n)]
+    pairs = [(calls[k], calls[k + 1]) for k in range(0, len(calls), 2)]
     assert len(pairs) == len(trained) and all(t.grad and not r.grad for t, r in pairs)
     for t, r in pairs:
         torch.testing.assert_close(r.x, t.x, rtol=0, atol=0)
@@ -271,6 +302,59 @@ def test_kl_reference_disables_the_adapter_on_the_shared_weights(mods, run_node,
             base = net(r.x, r.timestep.to(r.x.device), **r.kwargs)
             torch.testing.assert_close(r.output, base, rtol=0, atol=1e-6)
             assert float((t.output - base).abs().max()) > 1e-3, "the LoRA must change the trained forward"
+
+
+# ----------------------------------------------------------------------------------------- 6. host synchronisation
+def test_a_comfy_rollout_does_not_wait_for_the_device_between_forwards(mods, run_node, base_model):
+    """Between the network's forwards, the rollout (policy, CFG, step math, storing latents and log-probs) makes no
+    call that would stall a GPU (``.item()``, ``bool(t)``, host-to-device copies: tests/support/host_sync.py), and the
+    model is loaded once, not asked for at every forward."""
+    import comfy.model_management
+    from host_sync import HostSyncCounter
+
+    _, train_model, _ = make_trainer(mods, run_node, base_model, "host_sync")
+    ro = rollout(mods, run_node, train_model, micro_batch_size=2)  # the node: a reference spec and conditioning
+    traj, spec = ro.trajectory, ro.trajectory.spec
+    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=4.5)
+    loads = []
+    original = comfy.model_management.load_models_gpu
+    comfy.model_management.load_models_gpu = lambda *a, **k: (loads.append(1), original(*a, **k))[1]
+    try:
+        with torch.inference_mode(), HostSyncCounter(inside=[train_model.model.diffusion_model]) as counter:
+            again = mods.rollout.sample_trajectory(policy, traj.latents[0], traj.cond, spec,
+                                                   generator=torch.Generator().manual_seed(0))
+    finally:
+        comfy.model_management.load_models_gpu = original
+    assert counter.total == 0, counter.calls
+    assert len(loads) == 1, "the policy must load the model once per rollout, not per forward"
+    assert again.latents.shape == traj.latents.shape and bool(torch.isfinite(again.log_probs).all())
+
+
+def test_a_rollout_merges_each_lora_weight_once_and_the_update_replays_it_exactly(mods, run_node, base_model):
+    """ComfyUI's weight adapters merge ``w + scale * up @ down`` at every forward; a rollout merges each adapted
+    weight once (merged_lora_weights) and the update, which merges per forward with gradients, gets the same
+    log-probs bit for bit."""
+    from comfy.weight_adapter.lora import LoraDiff
+
+    trainer, train_model, probe = make_trainer(mods, run_node, base_model, "merged_weights")
+    adapters = mods.policy.lora_adapters(train_model)
+    merges = []
+    original = LoraDiff.__call__
+    LoraDiff.__call__ = lambda self, w: (merges.append(torch.is_grad_enabled()), original(self, w))[1]
+    try:
+        with probe, probe.phase("rollout"):
+            ro = rollout(mods, run_node, train_model, micro_batch_size=2)
+        sampled = list(merges)
+        merges.clear()
+        _, metrics, _ = update(mods, run_node, trainer, ro, kl_beta=0.0)
+    finally:
+        LoraDiff.__call__ = original
+    forwards = len(probe.of("rollout"))
+    assert forwards == STEPS * 2 and len(adapters) > 0
+    assert sampled == [False] * len(adapters), "each adapter merges once per rollout, not once per forward"
+    assert not any(a.merged for a in adapters), "the merged copies are released after the rollout"
+    assert len(merges) == len(adapters) * len(ro.trajectory.spec.train_steps) * 2 and all(merges)
+    assert json.loads(metrics)["first_log_ratio_abs_max"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------- 6. reward offload

@@ -345,3 +345,28 @@ def test_batch_conditionings_rules(mods):
     with pytest.raises(errors, match="'control_mask'"):
         batch([[[torch.randn(1, 3, 8), {"control_mask": torch.ones(1, 3)}]],
                [[torch.randn(1, 6, 8), {"control_mask": torch.ones(1, 6)}]]], 1)
+
+
+def test_encoding_cache_encodes_each_text_once_per_run_and_drops_the_least_recent(clip, mods):
+    """The all-in-one loop keeps an EncodingCache per run: a prompt drawn again in a later iteration is not encoded
+    again, its encoding is the one CLIPTextEncode gives, and the cache stays within its byte budget."""
+    P = mods.prompts
+    calls = []
+    original = clip.encode_from_tokens_scheduled
+    clip.encode_from_tokens_scheduled = lambda tokens, **kw: (calls.append(1), original(tokens, **kw))[1]
+    try:
+        cache = P.EncodingCache()
+        batches = [P.encode_prompt_batch(clip, SHORT_PROMPTS[:4], "", 2, 2, it, 0, 3.5, cache=cache)
+                   for it in range(6)]
+        assert len(calls) == len({t for _, _, g in batches for t in g.texts}) + 1  # + the negative prompt
+        fresh = P.encode_prompt_batch(clip, SHORT_PROMPTS[:4], "", 2, 2, 5, 0, 3.5)
+        assert torch.equal(batches[5][0][0][0], fresh[0][0][0]) and torch.equal(batches[5][1][0][0], fresh[1][0][0])
+
+        one = cache.entries[""][1]  # bytes of one encoding (all have the same shapes here)
+        small = P.EncodingCache(max_bytes=2 * one)
+        calls.clear()
+        for text in ("a", "b", "a", "c", "b"):  # "a" used again before "c" arrives: "b" is then the oldest
+            small.get(clip, text)
+        assert list(small.entries) == ["c", "b"] and len(calls) == 4
+    finally:
+        clip.encode_from_tokens_scheduled = original

@@ -213,3 +213,26 @@ def test_replay_with_changed_settings_is_detected_and_rejected():
             spec.require_same(other)
     with pytest.raises(ValueError, match=r"guidance.*3\.5|3\.5.*guidance"):
         with_guidance.require_same(RolloutSpec(**{**spec.__dict__, "extras": (("guidance", 4.0),)}))
+
+
+def test_sampling_and_the_update_do_not_wait_for_the_device_per_step():
+    """No ``.item()`` / ``bool(t)`` / host-to-device copy between the forwards of a rollout, and a number of them in
+    an update that depends on the optimizer steps, not on the trained steps or micro-batches (HostSyncCounter: these
+    calls would stall a GPU)."""
+    from host_sync import HostSyncCounter
+
+    policy = make_policy(perturb_lora=True)
+    per_update = {}
+    for steps in (4, 8):
+        spec = make_spec(steps=steps, micro_batch_size=2)  # 4 micro-batches of 2
+        with HostSyncCounter(inside=[policy.net]) as sampling:
+            traj = rollout(policy, spec)
+        assert sampling.total == 0, sampling.calls
+        trainer = GRPOTrainer(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3),
+                              GRPOConfig(optimizer_steps=2))
+        advantages = torch.randn(BATCH, generator=torch.Generator().manual_seed(1))
+        with HostSyncCounter(inside=[policy.net]) as updating:
+            trainer.update(traj, advantages)
+        assert updating.total > 0  # the counter sees the finiteness checks and the metrics
+        per_update[steps] = updating.calls
+    assert per_update[4] == per_update[8], per_update

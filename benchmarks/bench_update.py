@@ -1,0 +1,115 @@
+"""The GRPO update against a bare forward + backward through the same LoRA-adapted model, same batch, one run.
+
+A rollout is sampled once with ``FlowGRPOSDERollout`` (flow_sde, every step but the last trained). Then, side by
+side in each repeat:
+
+* ours: the ``FlowGRPOUpdate`` node on that rollout, as a graph runs it (input checks, advantages, other models
+  offloaded, log-prob replay with gradients at every trained step and micro-batch, clipped surrogate, backward,
+  gradient clip, one AdamW step, metrics);
+* bare: for the same trained steps and micro-batches, ComfyUI's ``BaseModel.apply_model`` on the same latents, sigma
+  and conditioning (both CFG branches batched when the model uses CFG, as the update does) with gradients through
+  the same LoRA weight wrappers, then ``backward`` of the mean squared output. No step math, no log-prob, no loss,
+  no optimizer: only what any LoRA training step through ComfyUI's model costs.
+
+Prints the medians per trained (sample, step) and the median of the per-repeat ratios ours / bare (target <= 1.15).
+
+Run: ``.venv/bin/python benchmarks/bench_update.py [--model sd3|flux-width] [--depth 4] [--size 32] [--batch 8]
+[--steps 10] [--micro-batch 0] [--repeats 5] [--device cuda --dtype bf16]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import statistics
+
+from comfy_bench import build_model, comfy_in_process, describe, median_ratio, parse_sizes, timed
+
+
+def pack_modules(node_mappings) -> dict:
+    """The pack's ``nodes.state``, ``nodes.comfy_policy`` and ``flowgrpo_core.policy`` as ComfyUI imported them."""
+    pkg = node_mappings["FlowGRPOSDERollout"].__module__.rsplit(".nodes.", 1)[0]
+    return {name: importlib.import_module(f"{pkg}.{name}")
+            for name in ("nodes.state", "nodes.comfy_policy", "flowgrpo_core.policy")}
+
+
+def sample_rollout(run, mods, model, args, train_model, micro_batch: int = 0):
+    """One ``FlowGRPOSDERollout`` of ``args.batch`` samples (groups of 2) with every step but the last trained."""
+    import torch
+
+    state = mods["nodes.state"]
+    groups = state.PromptBatch(texts=("p",) * args.batch, group_ids=torch.arange(args.batch) // 2,
+                               prompt_indices=(0,) * args.batch, iteration=0, group_size=2)
+    rollout_kw = dict(model=train_model, positive=model.positive, negative=model.negative, groups=groups,
+                      width=args.size * 8, height=args.size * 8, steps=args.steps, scheduler="simple", shift=0.0,
+                      sde_kind="flow_sde", noise_level=0.7, cfg=model.cfg, norm_rescale=False,
+                      step_mode="fraction", train_fraction=0.99, window_size=2, window_start=0,
+                      window_shift_every=25, micro_batch_size=micro_batch, seed=0, iteration=0)
+    return run("FlowGRPOSDERollout", **rollout_kw)[1]
+
+
+def bare_forward_backward(mods, rollout, params) -> None:
+    """``apply_model`` + ``backward`` at every trained step and micro-batch of ``rollout`` (see the module doc)."""
+    import torch
+
+    P, index_cond = mods["nodes.comfy_policy"], mods["flowgrpo_core.policy"].index_cond
+    traj, spec, patcher = rollout.trajectory, rollout.trajectory.spec, rollout.model
+    cfg = dict(spec.extras)["cfg"]
+    options = patcher.model_options.get("transformer_options", {})
+    mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if P.mutates_saved_tensors(patcher.model) \
+        else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), mutation:
+        for j in spec.train_steps:
+            for chunk in spec.chunks(traj.batch_size):
+                x = traj.latents[j, chunk].clone()
+                cond = index_cond(traj.cond, chunk)
+                kwargs = cond["positive"] if cfg == 1.0 else P.batch_branches(cond["positive"], cond["negative"])
+                if cfg != 1.0:
+                    x = torch.cat([x, x])
+                sigma = torch.full((x.shape[0],), spec.sigmas[j], device=x.device)
+                out = patcher.model.apply_model(x, sigma, transformer_options=options, **kwargs)
+                out.float().square().mean().backward()
+    for p in params:
+        p.grad = None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--micro-batch", type=int, default=0, help="samples per forward (0: the whole batch)")
+    args = parse_sizes(batch=8, parser=parser)
+    node, run = comfy_in_process(args.device)
+    import comfy.model_management
+    import torch
+
+    mods = pack_modules(node)
+    model = build_model(args)
+    trainer, train_model = run("FlowGRPOLoRAInit", model=model.patcher, rank=16, alpha=16.0, targets="attention",
+                               learning_rate=1e-4, seed=0, run_name="bench_update", resume="none")
+    rollout = sample_rollout(run, mods, model, args, train_model, args.micro_batch)
+    rewards = mods["nodes.state"].Rewards(values=torch.linspace(0, 1, args.batch))
+    params = [p for p in trainer.lora_params.values() if p.requires_grad]
+    device = train_model.load_device
+
+    def ours() -> None:
+        run("FlowGRPOUpdate", trainer=trainer, rollout=rollout, rewards=rewards, clip_range=1e-4, kl_beta=0.0,
+            adv_clip_max=5.0, max_grad_norm=1.0, std_mode="global", optimizer_steps=1, gradient_checkpointing=False)
+
+    def bare() -> None:
+        comfy.model_management.load_models_gpu([train_model], force_full_load=True)  # once loaded: a list lookup
+        bare_forward_backward(mods, rollout, params)
+
+    ours(), bare()  # warm-up
+    rows = []
+    for _ in range(args.repeats):
+        rows.append((timed(ours, device)[0], timed(bare, device)[0]))
+    trained = len(rollout.trajectory.spec.train_steps) * args.batch
+    med_ours, med_bare = (statistics.median(c) for c in zip(*rows))
+    print(describe(args, model))
+    print(f"{trained} trained (sample, step) pairs per update, micro-batch {args.micro_batch or args.batch}")
+    print(f"FlowGRPOUpdate {med_ours * 1e3 / trained:8.2f} ms   bare forward+backward {med_bare * 1e3 / trained:8.2f} ms"
+          f"   per trained (sample, step)   ratio {median_ratio(rows):.3f}x   (medians of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()
