@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import logging
 import shutil
 import signal
@@ -43,7 +42,7 @@ import sys
 import time
 
 from bench_window import OFF_WHEN_PRESENT, IterationClock, one_run, schema_inputs
-from comfy_bench import (bench_home, build_model, comfy_in_process, describe, load_demo_models, node_inputs,
+from comfy_bench import (bench_home, build_model, comfy_in_process, describe, load_demo_models, node_inputs, pack_module,
                          parse_sizes, synchronize, timed)
 
 CONFIGS = ("tiny-demo", "flux-width")
@@ -147,7 +146,7 @@ def flux_width(node, run, vae, args: argparse.Namespace) -> str:
     from flowgrpo.example_specs import TINY_DEMO_TRAIN
     from flowgrpo_core.presets import builtin_presets
 
-    state = importlib.import_module(node["FlowGRPOSDERollout"].__module__.rsplit(".nodes.", 1)[0] + ".nodes.state")
+    state = pack_module(node, "nodes.state")
     model = build_model(args)
     device = model.patcher.load_device
     preset = builtin_presets()[FLUX_PRESET].values

@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import importlib
 import json
 import statistics
 import subprocess
@@ -66,7 +65,7 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
-from comfy_bench import build_model, comfy_in_process, describe, parse_sizes
+from comfy_bench import build_model, comfy_in_process, describe, pack_module, parse_sizes
 
 MB = float(2 ** 20)
 TERMS = ("weights", "lora", "grads", "optimizer", "trajectory", "activations")
@@ -204,11 +203,10 @@ class _Pack:
     """The pack's modules (ComfyUI imports the pack from its path, under a name of its own)."""
 
     def __init__(self, node: dict):
-        package = node["FlowGRPOUpdate"].__module__.rsplit(".nodes.", 1)[0]
         for attr, name in (("state", "nodes.state"), ("comfy_policy", "nodes.comfy_policy"),
                            ("rollout", "flowgrpo_core.rollout"), ("policy", "flowgrpo_core.policy"),
                            ("grpo", "flowgrpo_core.grpo"), ("profiling", "flowgrpo_core.profiling")):
-            setattr(self, attr, importlib.import_module(f"{package}.{name}"))
+            setattr(self, attr, pack_module(node, name))
 
 
 def measure(args: argparse.Namespace, checkpointing: bool) -> dict:

@@ -16,10 +16,9 @@ Run: ``.venv/bin/python benchmarks/bench_step_math.py [--model sd3|flux-width] [
 
 from __future__ import annotations
 
-import importlib
 import statistics
 
-from comfy_bench import build_model, comfy_in_process, describe, parse_sizes, timed
+from comfy_bench import build_model, comfy_in_process, describe, pack_module, parse_sizes, timed
 
 
 def main() -> None:
@@ -28,9 +27,8 @@ def main() -> None:
     import comfy.model_management
     import torch
 
-    pkg = node["FlowGRPOSDERollout"].__module__.rsplit(".nodes.", 1)[0]
-    P = importlib.import_module(f"{pkg}.nodes.comfy_policy")
-    sde = importlib.import_module(f"{pkg}.flowgrpo_core.sde")
+    P = pack_module(node, "nodes.comfy_policy")
+    sde = pack_module(node, "flowgrpo_core.sde")
     model = build_model(args)
     patcher = model.patcher
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)

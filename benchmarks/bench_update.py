@@ -20,18 +20,14 @@ Run: ``.venv/bin/python benchmarks/bench_update.py [--model sd3|flux-width] [--d
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import statistics
 
-from comfy_bench import build_model, comfy_in_process, describe, median_ratio, parse_sizes, timed
+from comfy_bench import build_model, comfy_in_process, describe, median_ratio, pack_module, parse_sizes, timed
 
 
 def pack_modules(node_mappings) -> dict:
     """The pack's ``nodes.state``, ``nodes.comfy_policy`` and ``flowgrpo_core.policy`` as ComfyUI imported them."""
-    pkg = node_mappings["FlowGRPOSDERollout"].__module__.rsplit(".nodes.", 1)[0]
-    return {name: importlib.import_module(f"{pkg}.{name}")
-            for name in ("nodes.state", "nodes.comfy_policy", "flowgrpo_core.policy")}
+    return {name: pack_module(node_mappings, name) for name in ("nodes.state", "nodes.comfy_policy", "flowgrpo_core.policy")}
 
 
 def sample_rollout(run, mods, model, args, train_model, micro_batch: int = 0):
@@ -57,9 +53,7 @@ def bare_forward_backward(mods, rollout, params) -> None:
     traj, spec, patcher = rollout.trajectory, rollout.trajectory.spec, rollout.model
     cfg = dict(spec.extras)["cfg"]
     options = patcher.model_options.get("transformer_options", {})
-    mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if P.mutates_saved_tensors(patcher.model) \
-        else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad(), mutation:
+    with torch.inference_mode(False), torch.enable_grad(), P.mutation_guard(patcher.model):
         for j in spec.train_steps:
             for chunk in spec.chunks(traj.batch_size):
                 x = traj.latents[j, chunk].clone()

@@ -13,6 +13,7 @@ Models (``--model``):
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,13 @@ def comfy_in_process(device: Optional[str] = None):
         return call_node(node[name], **kw)
 
     return node, run
+
+
+def pack_module(node_mappings: dict, name: str):
+    """The pack's module ``name`` (e.g. ``"nodes.state"``) as ComfyUI imported it (from its path, under a package
+    name of its own)."""
+    package = node_mappings["FlowGRPOSDERollout"].__module__.rsplit(".nodes.", 1)[0]
+    return importlib.import_module(f"{package}.{name}")
 
 
 @dataclass

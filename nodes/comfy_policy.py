@@ -41,6 +41,7 @@ __all__ = [
     "batch_branches",
     "cfg_norm_rescale",
     "mutates_saved_tensors",
+    "mutation_guard",
     "gradient_checkpointing",
     "ComfyFlowPolicy",
 ]
@@ -348,6 +349,14 @@ def mutates_saved_tensors(base_model: Any) -> bool:
     return family == "flux"
 
 
+def mutation_guard(base_model: Any) -> contextlib.AbstractContextManager:
+    """``allow_mutation_on_saved_tensors()`` for a model that :func:`mutates_saved_tensors` (plain autograd rejects
+    its backward), a no-op context for the others (the guard watches every operation and so costs time)."""
+    if mutates_saved_tensors(base_model):
+        return torch.autograd.graph.allow_mutation_on_saved_tensors()
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(patcher: Any, enabled: bool = True, copy_inputs: bool = True) -> Iterator[int]:
     """Within the context, each transformer block of ``patcher``'s diffusion model recomputes its activations in the
@@ -426,11 +435,10 @@ class ComfyFlowPolicy:
         activations in backward (:func:`gradient_checkpointing`); the mutation context is then left out: it cannot
         be combined with recomputation, and the checkpointed blocks of such models work on copies of their inputs.
         """
-        mutates = mutates_saved_tensors(self.patcher.model)
-        mutation = torch.autograd.graph.allow_mutation_on_saved_tensors() if mutates and not self.checkpointing \
-            else contextlib.nullcontext()
+        base = self.patcher.model
+        mutation = contextlib.nullcontext() if self.checkpointing else mutation_guard(base)
         with torch.inference_mode(False), torch.enable_grad(), mutation, \
-                gradient_checkpointing(self.patcher, self.checkpointing, copy_inputs=mutates):
+                gradient_checkpointing(self.patcher, self.checkpointing, copy_inputs=mutates_saved_tensors(base)):
             self._training_depth += 1
             try:
                 yield
