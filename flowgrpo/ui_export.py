@@ -16,6 +16,7 @@ from .errors import UnknownNodeTypes, missing_types
 __all__ = ["complete_api", "api_to_ui"]
 
 COLUMN_GAP, ROW_GAP, TITLE_H = 80, 50, 30
+BAND_WIDTH = 1900  # canvas units: the automatic layout wraps into a new band past this
 
 
 def _require_known(api: dict, object_info: dict) -> None:
@@ -68,6 +69,7 @@ def _depths(api: dict) -> dict[str, int]:
 
 
 def _size(info: dict, n_sockets: int, n_outputs: int) -> list[float]:
+    """Width and height of a node drawn with ``n_sockets`` link-only inputs, its outputs and its widgets."""
     layout = schema.widget_layout(info)
     multiline = sum(1 for name, spec in layout if name and schema.spec_options(spec).get("multiline"))
     width = 400 if multiline else 315
@@ -101,17 +103,19 @@ def api_to_ui(api: dict, object_info: dict, layout: Optional[dict] = None, note:
         inputs = node["inputs"]
         specs = schema.input_specs(info)
         known = {name for name, _, _ in specs}
-        sockets = []
-        for name, spec, _ in specs + [(n, None, "extra") for n in inputs if n not in known]:
-            value = inputs.get(name)
-            if spec is None and not _is_link(value):
+        # Sockets as the front end (1.16+) lays them out: link-only inputs first, then one socket per widget, each
+        # in schema order; a link's target slot is its socket's index in this list.
+        named = specs + [(n, None, "extra") for n in inputs if n not in known]
+        for name, spec, _ in named:
+            if spec is None and not _is_link(inputs.get(name)):
                 raise ValueError(f"node {node_id} ({node['class_type']}): {name!r} is not one of its inputs, so a UI "
                                  "workflow cannot hold its value")
-            widget = spec is not None and schema.is_widget(spec)
-            if widget and not _is_link(value):
-                continue
+        is_widget = {name: spec is not None and schema.is_widget(spec) for name, spec, _ in named}
+        sockets = []
+        for name, spec, _ in sorted(named, key=lambda entry: is_widget[entry[0]]):  # stable: schema order kept
+            value = inputs.get(name)
             socket: dict[str, Any] = {"name": name, "type": schema.spec_type(spec) if spec is not None else "*"}
-            if widget:
+            if is_widget[name]:
                 socket["widget"] = {"name": name}
             socket["link"] = None
             if _is_link(value):
@@ -134,7 +138,8 @@ def api_to_ui(api: dict, object_info: dict, layout: Optional[dict] = None, note:
                 value = schema.default_value(spec)
             widgets_values.append(value["__value__"] if isinstance(value, dict) and "__value__" in value else value)
         entry = {"id": int(node_id), "type": node["class_type"], "pos": [0, 0],
-                 "size": _size(info, len(sockets), len(info.get("output") or [])), "flags": {},
+                 "size": _size(info, sum(1 for s in sockets if "widget" not in s), len(info.get("output") or [])),
+                 "flags": {},
                  "order": order.index(node_id), "mode": 0, "inputs": sockets, "outputs": []}
         title = node["_meta"].get("title")
         if title and title != schema.display_name(info, node["class_type"]):
@@ -162,12 +167,18 @@ def api_to_ui(api: dict, object_info: dict, layout: Optional[dict] = None, note:
 
 
 def _place(nodes: dict, depth: dict, fixed: dict) -> None:
-    """Columns by depth, nodes stacked in id order within a column; ``fixed`` positions win."""
-    x = 0.0
+    """Columns by depth, nodes stacked in id order within a column; a column that would end right of
+    ``BAND_WIDTH`` starts a new band below the tallest column so far (a long loop body fits a screen in two or
+    three rows instead of one strip); ``fixed`` positions win."""
+    x = top = bottom = 0.0
     for d in sorted(set(depth.values())):
         column = sorted((i for i in nodes if depth[i] == d), key=int)
-        y = 0.0
+        width = max(nodes[i]["size"][0] for i in column)
+        if x > 0 and x + width > BAND_WIDTH:
+            x, top = 0.0, bottom + ROW_GAP
+        y = top
         for node_id in column:
             nodes[node_id]["pos"] = list(fixed.get(node_id, [x, y]))
             y += nodes[node_id]["size"][1] + TITLE_H + ROW_GAP
-        x += max(nodes[i]["size"][0] for i in column) + COLUMN_GAP
+        bottom = max(bottom, y)
+        x += width + COLUMN_GAP

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from flowgrpo import ui_export  # noqa: E402
 from flowgrpo.report import Reporter, format_metrics  # noqa: E402
 from flowgrpo.workflow import (  # noqa: E402
     UnknownNodeTypes, WorkflowError, api_to_ui, apply_overrides, complete_api, find_node, is_api_format,
@@ -307,12 +308,25 @@ def test_api_to_ui_converts_back_to_the_same_prompt():
     assert len(set(link_ids)) == len(link_ids) == ui["last_link_id"]
 
 
-def test_api_to_ui_lays_out_left_to_right_and_keeps_given_positions():
-    ui = api_to_ui(API, INFO)
-    pos = {n["id"]: n["pos"] for n in ui["nodes"]}
-    assert ui["links"]
+def assert_links_flow_forward(ui: dict) -> None:
+    """Each link goes right within a band or down to a later band; nothing ends right of BAND_WIDTH."""
+    box = {n["id"]: (n["pos"], n["size"]) for n in ui["nodes"] if n["type"] != "MarkdownNote"}
+    assert ui["links"] and max(p[0] + s[0] for p, s in box.values()) <= ui_export.BAND_WIDTH
     for _link_id, src, _slot, dst, _dst_slot, _type in ui["links"]:
-        assert pos[src][0] < pos[dst][0]
+        (sx, sy), (_, sh) = box[src]
+        (dx, dy), _ = box[dst]
+        assert (sx < dx and dy < sy + sh) or dy > sy + sh, (src, dst)
+
+
+def test_api_to_ui_lays_out_left_to_right_and_keeps_given_positions():
+    assert_links_flow_forward(api_to_ui(API, INFO))
+    chain = {"1": API[next(i for i, n in API.items() if n["class_type"] == "UNETLoader")]}
+    for i in range(2, 12):  # a chain of 11 columns is wider than one band
+        chain[str(i)] = {"class_type": "ModelSamplingSD3", "inputs": {"model": [str(i - 1), 0], "shift": 3.0},
+                         "_meta": {"title": f"shift {i}"}}
+    wide = api_to_ui(chain, INFO)
+    assert_links_flow_forward(wide)
+    assert len({n["pos"][1] for n in wide["nodes"]}) > 1
     ks = next(i for i, n in API.items() if n["class_type"] == "KSampler")
     placed = api_to_ui(API, INFO, layout={ks: [-500, 42]})
     assert next(n["pos"] for n in placed["nodes"] if n["id"] == int(ks)) == [-500, 42]
