@@ -194,9 +194,9 @@ FIELDS: Mapping[str, Field] = MappingProxyType({
     "ema_every": _int(1, 10000, "GRPO updates between EMA updates"),
     # LoRA
     "rank": _int(1, 1024, "LoRA rank"),
-    "alpha": _float(0.0, 4096.0, "LoRA alpha (scale alpha / rank)"),
+    "alpha": _float(0.001, 4096.0, "LoRA alpha (scale alpha / rank)"),
     "targets": _choice(LORA_TARGETS, "layers with a LoRA"),
-    "learning_rate": _float(0.0, 1.0, "AdamW learning rate"),
+    "learning_rate": _float(1e-8, 1.0, "AdamW learning rate"),
     # run
     "iterations": _int(1, 10**7, "total GRPO updates of the run"),
     "save_every": _int(0, 10**7, "iterations between checkpoints (0: at the end)"),

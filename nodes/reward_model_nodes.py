@@ -158,7 +158,7 @@ class FlowGRPOLoadRewardModel(io.ComfyNode):
                 io.Combo.Input("backend", options=backend_options(), default="jpeg_compressibility",
                                tooltip="The reward. Weight-free: jpeg_(in)compressibility (minus/plus the JPEG kB), "
                                        "brightness, saturation, redness. Models: hpsv2 / hpsv2.1 (human preference), "
-                                       "pickscore, aesthetic (LAION v2), clip_score, image_reward, ocr (quoted text "
+                                       "pickscore, aesthetic (LAION v2), clip_score (transformers CLIP) / clip_score_open_clip, image_reward, ocr (quoted text "
                                        "rendered correctly), geneval (objects, counts, colours, positions). user:* "
                                        "are .py files in models/reward_scripts. Higher is better."),
                 io.Combo.Input("weights", options=weights_options(), default=DEFAULT_WEIGHTS,

@@ -64,7 +64,7 @@ class FlowGRPOSimpleReward(io.ComfyNode):
                 io.Image.Input("images", tooltip="Decoded rollout images (VAEDecode of the rollout's LATENT)."),
                 io.Combo.Input("reward", options=list(SIMPLE_REWARDS), default="jpeg_compressibility",
                                tooltip="jpeg_compressibility: minus the JPEG size in kB (Flow-GRPO's compression "
-                                       "reward); brightness / saturation / redness: colour statistics in [0, 1]."),
+                                       "reward); brightness / saturation: colour statistics in [0, 1]; redness: mean of R - (G + B) / 2, in [-1, 1]."),
                 io.Float.Input("scale", default=1.0, min=-1000.0, max=1000.0, step=0.01,
                                tooltip="Multiplies the score (a negative scale turns a reward into a penalty)."),
             ],

@@ -196,7 +196,7 @@ def test_unknown_field_in_a_file_points_at_the_key_and_suggests_the_field(tmp_pa
 
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 5000, "steps = 5000 is out of range: steps takes an integer in [2, 1000]"),
-    ("learning_rate", 2.0, "learning_rate = 2 is out of range: learning_rate takes a number in [0, 1]"),
+    ("learning_rate", 2.0, "learning_rate = 2 is out of range: learning_rate takes a number in [1e-08, 1]"),
     ("ema_decay", 0.99999, "ema_decay = 0.99999 is out of range: ema_decay takes a number in [0, 0.9999]"),
     ("steps", 10.0, "steps = 10.0 has the wrong type: steps takes an integer in [2, 1000]"),
     ("norm_rescale", 1, "norm_rescale = 1 has the wrong type: norm_rescale takes true or false"),
