@@ -28,6 +28,8 @@ PACK_REQS=(peft pytest websocket-client "open_clip_torch>=3,<4" "rapidocr>=3,<4"
 # Test-only: the fixed hpsv2 sdist as the HPSv2 parity oracle. Installed without its dependencies, which pin
 # pytest and protobuf (see docs/reward-models.md); clint is the one import it needs beyond ours.
 TEST_REQS=(hpsv2x==1.2.0 clint args)
+# Test-only, with dependencies: Playwright drives the system Chromium in the front-end test (no browser download).
+TEST_BROWSER_REQS=("playwright==1.65.*")
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -59,6 +61,25 @@ if [ "${1:-}" = "--test" ] && ! stamp_ok "$VENV/.flowgrpo-test-deps" "${TEST_REQ
   log "installing test-only packages without dependencies: ${TEST_REQS[*]}"
   "${PIP[@]}" --no-deps "${TEST_REQS[@]}"
   echo "${TEST_REQS[*]}" > "$VENV/.flowgrpo-test-deps"
+fi
+if [ "${1:-}" = "--test" ] && ! stamp_ok "$VENV/.flowgrpo-browser-deps" "${TEST_BROWSER_REQS[*]}"; then
+  log "installing ${TEST_BROWSER_REQS[*]}"
+  "${PIP[@]}" "${TEST_BROWSER_REQS[@]}"
+  echo "${TEST_BROWSER_REQS[*]}" > "$VENV/.flowgrpo-browser-deps"
+fi
+
+# 2c. the front-end test's browser: Debian's Chromium (apt, a package registry), when missing and we may install.
+# Elsewhere set FLOWGRPO_CHROMIUM to a Chromium/Chrome binary; the test says so if it finds none.
+if [ "${1:-}" = "--test" ] && [ -z "${FLOWGRPO_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  SUDO=(); [ "$(id -u)" = 0 ] || SUDO=(sudo -n)
+  if [ "${#SUDO[@]}" = 0 ] || sudo -n true 2>/dev/null; then
+    log "installing Debian's chromium for the front-end test"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >&2
+  else
+    log "warning: no /usr/bin/chromium and no root to install it; the front-end test will say how to get one"
+  fi
 fi
 
 # 3. ComfyUI runtime
