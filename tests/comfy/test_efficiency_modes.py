@@ -9,10 +9,16 @@ adapters were active.
 Layout (``nodes.comfy_policy.ComfyFlowPolicy.velocity``): true CFG runs one forward of ``2b`` rows per velocity of a
 micro-batch of ``b`` (positive rows first, then negative), as ComfyUI's samplers batch them; only conditionings of
 different shapes (a negative of another token length) fall back to two forwards of ``b``.
+
+Merged weights (``nodes.comfy_policy.merged_lora_weights``): during a rollout the adapted Linear layers hold their
+merged weight and run without weight functions (ComfyUI's ``cast_bias_weight`` is not called for them, counted by
+recording its calls); the layers get their own Parameter and weight functions back afterwards, the results are bitwise
+those of the per-rollout cache and of ComfyUI's per-forward merge, and the update replays the rollout exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections import Counter
@@ -58,11 +64,24 @@ def base_model(run_node, tiny_sd3_file):
     return load_model("sd3", run_node, tiny_sd3_file)
 
 
-def make_trainer(mods, run_node, base_model, name):
+class MergeAwareProbe(ForwardProbe):
+    """A :class:`ForwardProbe` that also counts an adapter as active while its Linear layer runs on the merged weight
+    (``merged_lora_weights`` puts it in the layer and takes the adapter out of the layer's ``weight_function``)."""
+
+    def lora_state(self):
+        if not self.adapted:
+            return False
+        active = [bool(a.enabled) and (any(f is a for f in m.weight_function)
+                                       or (a.swapped is not None and m.weight is a.swapped.merged))
+                  for m, a in self.adapted]
+        return True if all(active) else (False if not any(active) else None)
+
+
+def make_trainer(mods, run_node, base_model, name, **lora):
     """A trainer with a non-zero LoRA (so enabled and disabled adapters give different outputs) and its probe."""
-    trainer, train_model = init_trainer(run_node, base_model, name)
+    trainer, train_model = init_trainer(run_node, base_model, name, **lora)
     randomise_lora_(trainer)
-    return trainer, train_model, ForwardProbe(train_model, adapters=mods.policy.lora_adapters(train_model))
+    return trainer, train_model, MergeAwareProbe(train_model, adapters=mods.policy.lora_adapters(train_model))
 
 
 def rollout(mods, run_node, train_model, cfg=4.5, **overrides):
@@ -330,6 +349,51 @@ def test_a_comfy_rollout_does_not_wait_for_the_device_between_forwards(mods, run
     assert again.latents.shape == traj.latents.shape and bool(torch.isfinite(again.log_probs).all())
 
 
+@contextlib.contextmanager
+def recorded(owner, name):
+    """Record the calls of ``owner.name`` (the function still runs); yields a list of ``(first argument, grad
+    mode)``."""
+    calls, original = [], getattr(owner, name)
+
+    def recording(first, *args, **kwargs):
+        calls.append((first, torch.is_grad_enabled()))
+        return original(first, *args, **kwargs)
+
+    setattr(owner, name, recording)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def merged_swap(mods, enabled):
+    """Run with ``merged_lora_weights`` swapping the merged weights into the layers (its default) or not."""
+    previous, mods.policy.SWAP_MERGED_WEIGHTS = mods.policy.SWAP_MERGED_WEIGHTS, enabled
+    try:
+        yield
+    finally:
+        mods.policy.SWAP_MERGED_WEIGHTS = previous
+
+
+def layer_state(probe):
+    """Per adapted layer: its weight Parameter, its weight_function list (objects) and that list's entries."""
+    return [(m.weight, m.weight_function, list(m.weight_function)) for m, _ in probe.adapted]
+
+
+def loaded_layer_state(mods, train_model, probe):
+    """:func:`layer_state` once ``train_model`` is the loaded patcher (the network is shared by every trainer of
+    the module: its layers hold the weight functions of the patcher loaded last)."""
+    mods.policy.ComfyFlowPolicy(train_model).ensure_loaded()
+    return layer_state(probe)
+
+
+def assert_layers_restored(probe, before):
+    for (m, a), (weight, functions, entries) in zip(probe.adapted, before):
+        assert m.weight is weight and m.weight_function is functions and m.weight_function == entries == [a]
+        assert a.merged is None and a.scope is None and a.swapped is None
+
+
 def test_a_rollout_merges_each_lora_weight_once_and_the_update_replays_it_exactly(mods, run_node, base_model):
     """ComfyUI's weight adapters merge ``w + scale * up @ down`` at every forward; a rollout merges each adapted
     weight once (merged_lora_weights) and the update, which merges per forward with gradients, gets the same
@@ -338,23 +402,204 @@ def test_a_rollout_merges_each_lora_weight_once_and_the_update_replays_it_exactl
 
     trainer, train_model, probe = make_trainer(mods, run_node, base_model, "merged_weights")
     adapters = mods.policy.lora_adapters(train_model)
-    merges = []
-    original = LoraDiff.__call__
-    LoraDiff.__call__ = lambda self, w: (merges.append(torch.is_grad_enabled()), original(self, w))[1]
-    try:
+    with recorded(type(adapters[0]), "merge") as merges, recorded(LoraDiff, "__call__") as per_forward:
         with probe, probe.phase("rollout"):
             ro = rollout(mods, run_node, train_model, micro_batch_size=2)
-        sampled = list(merges)
-        merges.clear()
+        sampled, merged_per_forward = list(merges), list(per_forward)
+        merges.clear(), per_forward.clear()
         _, metrics, _ = update(mods, run_node, trainer, ro, kl_beta=0.0)
-    finally:
-        LoraDiff.__call__ = original
     forwards = len(probe.of("rollout"))
     assert forwards == STEPS * 2 and len(adapters) > 0
-    assert sampled == [False] * len(adapters), "each adapter merges once per rollout, not once per forward"
+    assert sorted(id(a) for a, _ in sampled) == sorted(id(a) for a in adapters) and not any(g for _, g in sampled), \
+        "each adapter merges once per rollout, not once per forward"
+    assert merged_per_forward == [], "no forward of the rollout merges through ComfyUI's adapter"
     assert not any(a.merged for a in adapters), "the merged copies are released after the rollout"
-    assert len(merges) == len(adapters) * len(ro.trajectory.spec.train_steps) * 2 and all(merges)
+    assert merges == [] and len(per_forward) == len(adapters) * len(ro.trajectory.spec.train_steps) * 2
+    assert all(g for _, g in per_forward)
     assert json.loads(metrics)["first_log_ratio_abs_max"] == 0.0
+
+
+def test_the_rollout_merge_is_bitwise_comfyuis_lora_merge(mods, run_node, base_model):
+    """The adapters' merge (in place, no autograd) returns what ComfyUI's ``LoraDiff.__call__`` returns, bit for bit,
+    for weights in fp32, bf16 and fp16 and a scale alpha / rank that is not a power of two."""
+    from comfy.weight_adapter.lora import LoraDiff
+
+    _, _, probe = make_trainer(mods, run_node, base_model, "merge_bitwise", rank=3, alpha=5.0)
+    for module, adapter in probe.adapted:
+        assert float(adapter.alpha) / adapter.rank == 5.0 / 3
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            w = module.weight.detach().to(dtype)
+            with torch.no_grad():
+                expected = LoraDiff.__call__(adapter, w)
+            got = adapter.merge(w)
+            assert got.dtype == dtype and torch.equal(got, expected), (dtype, (got.float() - expected).abs().max())
+            assert not torch.equal(got, w), "the LoRA must change the weight"
+
+
+def test_adapted_layers_run_plain_linear_on_merged_weights_and_get_their_own_back(mods, run_node, base_model):
+    """Within merged_lora_weights (after the policy loaded the model) every adapted Linear holds a Parameter with its
+    merged weight and has no weight function, so ComfyUI's cast_bias_weight (a copy of the weight and the adapters)
+    does not run for it; the velocity is bitwise the one of the per-rollout cache and of ComfyUI's per-forward merge.
+    On exit, also by exception, each layer gets its own Parameter object and weight_function list back; training works
+    after it and refuses to run inside it."""
+    import comfy.ops
+    from comfy.weight_adapter.lora import LoraDiff
+
+    _, train_model, probe = make_trainer(mods, run_node, base_model, "swap_layers", rank=3, alpha=5.0)
+    before = loaded_layer_state(mods, train_model, probe)
+    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.6)
+    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (3,), 2), None, 2, x.shape)
+    adapted = {id(m) for m, _ in probe.adapted}
+
+    def velocity(swap):
+        with recorded(comfy.ops, "cast_bias_weight") as casts, torch.inference_mode():
+            with mods.policy.merged_lora_weights(train_model, swap=swap) as merging:
+                assert merging is True
+                v = policy.velocity(x, sigma, cond)
+                inside = layer_state(probe)
+        return v, inside, [id(s) for s, _ in casts if id(s) in adapted]
+
+    cached, inside_cached, casts_cached = velocity(swap=False)
+    assert sorted(casts_cached) == sorted(adapted), "without the swap ComfyUI casts each adapted weight per forward"
+    assert [entries for _, _, entries in inside_cached] == [entries for _, _, entries in before]
+    assert_layers_restored(probe, before)
+
+    swapped, inside, casts = velocity(swap=True)
+    assert casts == [], "an adapted layer went through cast_bias_weight"
+    for (module, adapter), (weight, _, _), (merged, functions, entries) in zip(probe.adapted, before, inside):
+        assert entries == [] and len(functions) == 0 and merged is not weight
+        assert isinstance(merged, torch.nn.Parameter) and not merged.requires_grad and not merged.is_inference()
+        with torch.no_grad():
+            assert torch.equal(merged, LoraDiff.__call__(adapter, weight))
+    torch.testing.assert_close(swapped, cached, rtol=0, atol=0)
+    assert_layers_restored(probe, before)
+    with torch.inference_mode():  # ComfyUI's own per-forward merge, outside the context
+        torch.testing.assert_close(policy.velocity(x, sigma, cond), swapped, rtol=0, atol=0)
+
+    class Interrupted(Exception):
+        pass
+
+    with pytest.raises(Interrupted), torch.inference_mode(), mods.policy.merged_lora_weights(train_model):
+        policy.velocity(x, sigma, cond)
+        assert all(len(m.weight_function) == 0 for m, _ in probe.adapted)
+        with pytest.raises(RuntimeError, match="merged_lora_weights"):
+            policy.training().__enter__()
+        with pytest.raises(RuntimeError, match="merged_lora_weights"), policy.reference():
+            pass
+        raise Interrupted
+    assert_layers_restored(probe, before)
+
+    params = policy.trainable_parameters()
+    with policy.training():
+        policy.velocity(x, sigma, cond).square().mean().backward()
+    assert all(p.grad is not None for p in params) and any(float(p.grad.abs().max()) > 0 for p in params)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwen_image"])
+def test_every_family_runs_all_adapted_layers_on_merged_weights(kind, mods, run_node, tiny_sd3_file):
+    """On SD3, FLUX and Qwen-Image (attention and MLP targets) every adapted layer takes the merged weight inside the
+    context, with the velocity of ComfyUI's per-forward merge bit for bit."""
+    import tiny_models
+
+    model = load_model(kind, run_node, tiny_sd3_file)
+    _, train_model, probe = make_trainer(mods, run_node, model, f"swap_{kind}", rank=3, alpha=5.0)
+    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
+    x = torch.randn(tiny_models.latent_shape(kind, batch=1), generator=torch.Generator().manual_seed(3))
+    cond = mods.policy.encode_conditioning(train_model, tiny_models.conditioning(kind, seed=3), None, 1, x.shape)
+    sigma = torch.full((1,), 0.5)
+    with torch.inference_mode():
+        per_forward = policy.velocity(x, sigma, cond)
+        with mods.policy.merged_lora_weights(train_model):
+            swapped = policy.velocity(x, sigma, cond)
+            assert len(probe.adapted) > 0 and all(
+                len(m.weight_function) == 0 and a.swapped is not None and m.weight is a.swapped.merged
+                for m, a in probe.adapted)
+    torch.testing.assert_close(swapped, per_forward, rtol=0, atol=0)
+    assert all(m.weight_function == [a] and a.swapped is None for m, a in probe.adapted)
+
+
+def test_swapped_and_cached_rollouts_are_bitwise_equal_and_the_update_replays_them(mods, run_node, base_model):
+    """The rollout node with the merged weights swapped into the layers samples the same latents and log-probs, bit
+    for bit, as with the per-rollout cache; no adapted layer goes through cast_bias_weight then; the layers are back
+    after each rollout, and the update replays the swapped rollout with a ratio of exactly 1."""
+    import comfy.ops
+
+    trainer, train_model, probe = make_trainer(mods, run_node, base_model, "swap_rollout", rank=3, alpha=5.0)
+    before = loaded_layer_state(mods, train_model, probe)
+    adapted = {id(m) for m, _ in probe.adapted}
+    rollouts, casts = {}, {}
+    for swap in (False, True):
+        with merged_swap(mods, swap), recorded(comfy.ops, "cast_bias_weight") as calls, probe, probe.phase(swap):
+            rollouts[swap] = rollout(mods, run_node, train_model, micro_batch_size=2)
+        casts[swap] = Counter(id(s) for s, _ in calls if id(s) in adapted)
+        assert_layers_restored(probe, before)
+    forwards = len(probe.of(True))
+    assert forwards == len(probe.of(False)) == STEPS * 2
+    assert casts[False] == Counter({i: forwards for i in adapted}) and casts[True] == Counter()
+    assert {c.lora for c in probe.calls} == {True}
+    cached, swapped = rollouts[False].trajectory, rollouts[True].trajectory
+    torch.testing.assert_close(swapped.latents, cached.latents, rtol=0, atol=0)
+    torch.testing.assert_close(swapped.log_probs, cached.log_probs, rtol=0, atol=0)
+
+    lora = {k: p.detach().clone() for k, p in trainer.lora_params.items() if p.requires_grad}
+    trainer, metrics, _ = update(mods, run_node, trainer, rollouts[True], kl_beta=0.0)
+    assert json.loads(metrics)["first_log_ratio_abs_max"] == 0.0
+    assert any(not torch.equal(lora[k], trainer.lora_params[k].detach()) for k in lora), "the update must train"
+
+
+def test_a_reload_inside_the_rollout_applies_the_lora_once(mods, run_node, base_model):
+    """ComfyUI unloading and reloading the model inside the context puts the adapter back into a rebuilt
+    weight_function list while the layer still holds the merged weight: the adapter then passes it through (no double
+    merge), and on exit the layer gets its own weight back."""
+    import comfy.model_management
+
+    _, train_model, probe = make_trainer(mods, run_node, base_model, "swap_reload", rank=3, alpha=5.0)
+    before = loaded_layer_state(mods, train_model, probe)
+    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.full((2,), 0.4)
+    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (5,), 2), None, 2, x.shape)
+    with torch.inference_mode(), mods.policy.merged_lora_weights(train_model):
+        first = policy.velocity(x, sigma, cond)
+        merged = [m.weight for m, _ in probe.adapted]
+        comfy.model_management.unload_all_models()
+        again = policy.velocity(x, sigma, cond)  # the policy loads the model again
+        for (m, a), w in zip(probe.adapted, merged):
+            assert m.weight is w and m.weight_function == [a], "the reload did not put the adapter back"
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    for (m, a), (weight, _, _) in zip(probe.adapted, before):
+        assert m.weight is weight and m.weight_function == [a] and a.swapped is None and a.merged is None
+    with torch.inference_mode():
+        torch.testing.assert_close(policy.velocity(x, sigma, cond), first, rtol=0, atol=0)
+
+
+def test_a_partially_loaded_model_keeps_comfyuis_casts_and_the_merged_cache(mods, run_node, base_model):
+    """With the model partially unloaded by ComfyUI (lowvram: offloaded layers are cast at every forward), the
+    context does not swap weights; each adapter merges once into its cache and the velocity is unchanged."""
+    import comfy.model_management
+
+    _, train_model, probe = make_trainer(mods, run_node, base_model, "swap_lowvram", rank=3, alpha=5.0)
+    before = loaded_layer_state(mods, train_model, probe)
+    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    sigma = torch.full((2,), 0.8)
+    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (3,), 2), None, 2, x.shape)
+    try:
+        with torch.inference_mode():
+            full = policy.velocity(x, sigma, cond)  # loads the model fully
+            assert train_model.partially_unload(train_model.offload_device, train_model.model_size() // 2) > 0
+            assert train_model.model.model_lowvram
+            with mods.policy.merged_lora_weights(train_model):
+                partial = policy.velocity(x, sigma, cond)
+                assert all(a.swapped is None and len(a.merged) == 1 and a in m.weight_function
+                           for m, a in probe.adapted)
+        torch.testing.assert_close(partial, full, rtol=0, atol=0)
+        assert [(m.weight, list(m.weight_function)) for m, _ in probe.adapted] == \
+            [(w, entries) for w, _, entries in before]
+    finally:
+        comfy.model_management.unload_all_models()  # the next test loads the shared network fully again
 
 
 # ----------------------------------------------------------------------------------------- 6. reward offload
