@@ -394,6 +394,17 @@ def assert_layers_restored(probe, before):
         assert a.merged is None and a.scope is None and a.swapped is None
 
 
+def swap_case(mods, run_node, base_model, name: str, seed: int, sigma: float, tokens: int):
+    """A rank-3 / alpha-5 trainer (a scale that is not a power of two), its layers' state before any rollout, a CFG-free
+    policy and one velocity input: ``(train_model, probe, before, policy, x, sigma, cond)``."""
+    _, train_model, probe = make_trainer(mods, run_node, base_model, name, rank=3, alpha=5.0)
+    before = loaded_layer_state(mods, train_model, probe)
+    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (tokens,), 2), None, 2, x.shape)
+    return train_model, probe, before, policy, x, torch.full((2,), sigma), cond
+
+
 def test_a_rollout_merges_each_lora_weight_once_and_the_update_replays_it_exactly(mods, run_node, base_model):
     """ComfyUI's weight adapters merge ``w + scale * up @ down`` at every forward; a rollout merges each adapted
     weight once (merged_lora_weights) and the update, which merges per forward with gradients, gets the same
@@ -445,12 +456,8 @@ def test_adapted_layers_run_plain_linear_on_merged_weights_and_get_their_own_bac
     import comfy.ops
     from comfy.weight_adapter.lora import LoraDiff
 
-    _, train_model, probe = make_trainer(mods, run_node, base_model, "swap_layers", rank=3, alpha=5.0)
-    before = loaded_layer_state(mods, train_model, probe)
-    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    sigma = torch.full((2,), 0.6)
-    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (3,), 2), None, 2, x.shape)
+    train_model, probe, before, policy, x, sigma, cond = swap_case(mods, run_node, base_model, "swap_layers",
+                                                                   seed=0, sigma=0.6, tokens=3)
     adapted = {id(m) for m, _ in probe.adapted}
 
     def velocity(swap):
@@ -555,12 +562,8 @@ def test_a_reload_inside_the_rollout_applies_the_lora_once(mods, run_node, base_
     merge), and on exit the layer gets its own weight back."""
     import comfy.model_management
 
-    _, train_model, probe = make_trainer(mods, run_node, base_model, "swap_reload", rank=3, alpha=5.0)
-    before = loaded_layer_state(mods, train_model, probe)
-    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.full((2,), 0.4)
-    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (5,), 2), None, 2, x.shape)
+    train_model, probe, before, policy, x, sigma, cond = swap_case(mods, run_node, base_model, "swap_reload",
+                                                                   seed=1, sigma=0.4, tokens=5)
     with torch.inference_mode(), mods.policy.merged_lora_weights(train_model):
         first = policy.velocity(x, sigma, cond)
         merged = [m.weight for m, _ in probe.adapted]
@@ -580,12 +583,8 @@ def test_a_partially_loaded_model_keeps_comfyuis_casts_and_the_merged_cache(mods
     context does not swap weights; each adapter merges once into its cache and the velocity is unchanged."""
     import comfy.model_management
 
-    _, train_model, probe = make_trainer(mods, run_node, base_model, "swap_lowvram", rank=3, alpha=5.0)
-    before = loaded_layer_state(mods, train_model, probe)
-    policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
-    sigma = torch.full((2,), 0.8)
-    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (3,), 2), None, 2, x.shape)
+    train_model, probe, before, policy, x, sigma, cond = swap_case(mods, run_node, base_model, "swap_lowvram",
+                                                                   seed=2, sigma=0.8, tokens=3)
     try:
         with torch.inference_mode():
             full = policy.velocity(x, sigma, cond)  # loads the model fully
