@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from flowgrpo_core.checkpoint import atomic_write_bytes  # the repository root is on sys.path (tests/comfy)
+
 #: Chromium flags for a closed network as root: no sandbox (root), no GPU, and none of the background
 #: connections (updates, sync, QUIC) that this machine's network refuses.
 CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -91,9 +93,6 @@ def open_frontend(server_url: str, viewport: tuple[int, int] = (1600, 1000),
 
 
 def save_screenshot(page, path: Path) -> Path:
-    """A PNG of the whole window at ``path`` (folders made, written beside and renamed into place)."""
+    """A PNG of the whole window at ``path`` (folders made; written atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.png")
-    page.screenshot(path=str(partial))
-    os.replace(partial, path)
-    return path
+    return atomic_write_bytes(path, page.screenshot())
