@@ -47,7 +47,7 @@ the ``rest`` = measured - budget.
 Prints one line per configuration (medians of ``--repeats`` interleaved runs) and the checkpointing saving
 (activations off/on, peak off/on).
 
-Run: ``.venv/bin/python benchmarks/bench_memory.py [--model sd3|flux-width] [--depth 4] [--size 32] [--batch 4]
+Run: ``.venv/bin/python benchmarks/bench_memory.py [--model sd3|flux-width|flux-dev|qwen-image] [--depth 4] [--size 32] [--batch 4]
 [--steps 10] [--micro-batch 0] [--rank 16] [--repeats 3] [--device cuda --dtype bf16]``
 """
 
@@ -228,6 +228,16 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
                   step_mode="fraction", train_fraction=0.99, window_size=2, window_start=0, window_shift_every=25,
                   micro_batch_size=args.micro_batch, seed=0, iteration=0)[1]
     rewards = pack.state.Rewards(values=torch.linspace(0.0, 1.0, b))
+    return dict(measure_update(pack, run, trainer, rollout, rewards, checkpointing), describe=describe(args, model))
+
+
+def measure_update(pack: "_Pack", run, trainer, rollout, rewards, checkpointing: bool) -> dict:
+    """Peak (and baseline) in MiB of one ``FlowGRPOUpdate`` of ``trainer`` on ``rollout`` (after a warm-up forward
+    + backward) and the budget terms in MiB (see the module doc). bench_gpu calls it in-process, twice on one
+    trainer: the second call then starts with the optimizer state of the first."""
+    import torch
+
+    train_model = rollout.model
     device = train_model.load_device
     extras = dict(rollout.trajectory.spec.extras)
     policy = pack.comfy_policy.ComfyFlowPolicy(rollout.model, cfg=extras.get("cfg", 1.0),
@@ -257,8 +267,9 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
                           if isinstance(t, torch.Tensor)])
     exclude = {*storages([*base.parameters(), *base.buffers()]), *lora_ptrs, *trajectory, *optimizer}
     saved, copies, merged = saved_activation_bytes(pack, policy, rollout, exclude)
+    b = rollout.trajectory.batch_size
     return dict(
-        describe=describe(args, model), device=device.type, before=timer.peak_mb["before"],
+        device=device.type, before=timer.peak_mb["before"], seconds=timer.seconds["update"],
         peak=timer.peak_mb["update"], weights=sum(weights.values()) / MB, lora=sum(lora_ptrs.values()) / MB,
         grads=sum(p.numel() * p.element_size() for p in lora if p.requires_grad) / MB,
         optimizer=sum(optimizer.values()) / MB, trajectory=sum(trajectory.values()) / MB,

@@ -8,7 +8,7 @@
 
 Prints the medians and the median of the per-repeat ratios ours / stock (target <= 1.05).
 
-Run: ``.venv/bin/python benchmarks/bench_rollout.py [--model sd3|flux-width] [--depth 4] [--size 32] [--batch 8]
+Run: ``.venv/bin/python benchmarks/bench_rollout.py [--model sd3|flux-width|flux-dev|qwen-image] [--depth 4] [--size 32] [--batch 8]
 [--steps 10] [--repeats 5] [--device cuda --dtype bf16]``
 """
 
@@ -20,13 +20,13 @@ from bench_update import pack_modules, sample_rollout
 from comfy_bench import build_model, comfy_in_process, describe, median_ratio, parse_sizes, timed
 
 
-def main() -> None:
-    args = parse_sizes(batch=8)
-    node, run = comfy_in_process(args.device)
+def compare(run, mods: dict, model, args) -> dict:
+    """Stock vs ours on ``model`` at ``args``' sizes: a warm-up of each, then ``args.repeats`` interleaved timed
+    pairs. ``{"stock", "ours"}``: median seconds, ``"ratio"``: median per-repeat ratio, ``"rows"``: the
+    ``(ours, stock)`` pairs, ``"fns"``: the two calls (for bench_gpu's FLOP count), ``"trainer"`` and
+    ``"train_model"``: the rank-16 LoRA's."""
     import torch
 
-    model = build_model(args)
-    mods = pack_modules(node)
     latent = {"samples": torch.zeros(model.latent_shape)}
     if model.cfg != 1.0:
         (guider,) = run("CFGGuider", model=model.patcher, positive=model.positive, negative=model.negative,
@@ -36,8 +36,8 @@ def main() -> None:
     (sigmas,) = run("BasicScheduler", model=model.patcher, scheduler="simple", steps=args.steps, denoise=1.0)
     (noise,) = run("RandomNoise", noise_seed=0)
     (euler,) = run("KSamplerSelect", sampler_name="euler")
-    _, train_model = run("FlowGRPOLoRAInit", model=model.patcher, rank=16, alpha=16.0, targets="attention",
-                         learning_rate=1e-4, seed=0, run_name="bench_rollout", resume="none")
+    trainer, train_model = run("FlowGRPOLoRAInit", model=model.patcher, rank=16, alpha=16.0, targets="attention",
+                               learning_rate=1e-4, seed=0, run_name="bench_rollout", resume="none")
     device = train_model.load_device
 
     def stock():
@@ -52,10 +52,19 @@ def main() -> None:
         t_stock = timed(stock, device)[0]
         rows.append((timed(ours, device)[0], t_stock))
     med_ours, med_stock = (statistics.median(c) for c in zip(*rows))
-    print(describe(args, model))
-    print(f"stock euler {med_stock * 1e3:9.1f} ms   FlowGRPOSDERollout {med_ours * 1e3:9.1f} ms   "
-          f"ratio {median_ratio(rows):.3f}x   (medians of {args.repeats})")
+    return dict(stock=med_stock, ours=med_ours, ratio=median_ratio(rows), rows=rows,
+                fns=dict(stock=stock, ours=ours), trainer=trainer, train_model=train_model)
 
+
+def main() -> None:
+    args = parse_sizes(batch=8)
+    node, run = comfy_in_process(args.device)
+
+    model = build_model(args)
+    res = compare(run, pack_modules(node), model, args)
+    print(describe(args, model))
+    print(f"stock euler {res['stock'] * 1e3:9.1f} ms   FlowGRPOSDERollout {res['ours'] * 1e3:9.1f} ms   "
+          f"ratio {res['ratio']:.3f}x   (medians of {args.repeats})")
 
 if __name__ == "__main__":
     main()

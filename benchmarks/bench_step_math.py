@@ -10,7 +10,7 @@ On the benchmark model (``comfy_bench.build_model``), for a batch of ``--batch``
 
 Prints the medians and the median per-repeat shares sample / forward and replay / forward (target < 2 %).
 
-Run: ``.venv/bin/python benchmarks/bench_step_math.py [--model sd3|flux-width] [--depth 4] [--size 32]
+Run: ``.venv/bin/python benchmarks/bench_step_math.py [--model sd3|flux-width|flux-dev|qwen-image] [--depth 4] [--size 32]
 [--batch 8] [--repeats 20] [--device cuda --dtype bf16]``
 """
 
@@ -21,15 +21,15 @@ import statistics
 from comfy_bench import build_model, comfy_in_process, describe, pack_module, parse_sizes, timed
 
 
-def main() -> None:
-    args = parse_sizes(batch=8)
-    node, _ = comfy_in_process(args.device)
+def measure(node: dict, model, args) -> dict:
+    """Forward, sampling step and replay step on ``model`` (loaded fully first): a warm-up of each, then
+    ``args.repeats`` timed triples. Median seconds ``"forward"``, ``"sample"``, ``"replay"``, the median per-repeat
+    shares ``"share_sample"`` / ``"share_replay"``, ``"rows"`` (rows per forward) and ``"fns"`` (the three calls)."""
     import comfy.model_management
     import torch
 
     P = pack_module(node, "nodes.comfy_policy")
     sde = pack_module(node, "flowgrpo_core.sde")
-    model = build_model(args)
     patcher = model.patcher
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     device = patcher.load_device
@@ -69,13 +69,21 @@ def main() -> None:
         for _ in range(args.repeats):
             results.append(tuple(timed(fn, device)[0] for fn in (forward, sample, replay)))
     t_fwd, t_sample, t_replay = (statistics.median(c) for c in zip(*results))
-    share_sample = statistics.median(s / f for f, s, _ in results)
-    share_replay = statistics.median(r / f for f, _, r in results)
-    print(describe(args, model))
-    print(f"forward ({x_in.shape[0]} rows) {t_fwd * 1e3:9.2f} ms   sample step {t_sample * 1e3:7.3f} ms "
-          f"({share_sample:.2%})   replay step {t_replay * 1e3:7.3f} ms ({share_replay:.2%})   "
-          f"(medians of {args.repeats})")
+    return dict(forward=t_fwd, sample=t_sample, replay=t_replay, rows=x_in.shape[0],
+                share_sample=statistics.median(s / f for f, s, _ in results),
+                share_replay=statistics.median(r / f for f, _, r in results),
+                fns=dict(forward=forward, sample=sample, replay=replay))
 
+
+def main() -> None:
+    args = parse_sizes(batch=8)
+    node, _ = comfy_in_process(args.device)
+    model = build_model(args)
+    res = measure(node, model, args)
+    print(describe(args, model))
+    print(f"forward ({res['rows']} rows) {res['forward'] * 1e3:9.2f} ms   sample step {res['sample'] * 1e3:7.3f} ms "
+          f"({res['share_sample']:.2%})   replay step {res['replay'] * 1e3:7.3f} ms ({res['share_replay']:.2%})   "
+          f"(medians of {args.repeats})")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ side in each repeat:
 
 Prints the medians per trained (sample, step) and the median of the per-repeat ratios ours / bare (target <= 1.15).
 
-Run: ``.venv/bin/python benchmarks/bench_update.py [--model sd3|flux-width] [--depth 4] [--size 32] [--batch 8]
+Run: ``.venv/bin/python benchmarks/bench_update.py [--model sd3|flux-width|flux-dev|qwen-image] [--depth 4] [--size 32] [--batch 8]
 [--steps 10] [--micro-batch 0] [--repeats 5] [--device cuda --dtype bf16]``
 """
 
@@ -68,19 +68,18 @@ def bare_forward_backward(mods, rollout, params) -> None:
         p.grad = None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--micro-batch", type=int, default=0, help="samples per forward (0: the whole batch)")
-    args = parse_sizes(batch=8, parser=parser)
-    node, run = comfy_in_process(args.device)
+def compare(run, mods: dict, model, args, micro_batch: int = 0) -> dict:
+    """Ours vs bare on ``model`` at ``args``' sizes (a rank-16 LoRA on attention, one rollout of ``micro_batch``
+    samples per forward): a warm-up of each, then ``args.repeats`` interleaved timed pairs. ``{"ours", "bare"}``:
+    median seconds per update, ``"trained"``: trained (sample, step) pairs per update, ``"ratio"``: median
+    per-repeat ratio, ``"rows"``, ``"fns"`` (the two calls), and ``"trainer"``, ``"train_model"``, ``"rollout"``,
+    ``"rewards"`` (for bench_gpu's memory measurement)."""
     import comfy.model_management
     import torch
 
-    mods = pack_modules(node)
-    model = build_model(args)
     trainer, train_model = run("FlowGRPOLoRAInit", model=model.patcher, rank=16, alpha=16.0, targets="attention",
                                learning_rate=1e-4, seed=0, run_name="bench_update", resume="none")
-    rollout = sample_rollout(run, mods, model, args, train_model, args.micro_batch)
+    rollout = sample_rollout(run, mods, model, args, train_model, micro_batch)
     rewards = mods["nodes.state"].Rewards(values=torch.linspace(0, 1, args.batch))
     params = [p for p in trainer.lora_params.values() if p.requires_grad]
     device = train_model.load_device
@@ -97,13 +96,27 @@ def main() -> None:
     rows = []
     for _ in range(args.repeats):
         rows.append((timed(ours, device)[0], timed(bare, device)[0]))
-    trained = len(rollout.trajectory.spec.train_steps) * args.batch
     med_ours, med_bare = (statistics.median(c) for c in zip(*rows))
+    return dict(ours=med_ours, bare=med_bare, ratio=median_ratio(rows), rows=rows,
+                trained=len(rollout.trajectory.spec.train_steps) * args.batch, fns=dict(ours=ours, bare=bare),
+                trainer=trainer, train_model=train_model, rollout=rollout, rewards=rewards)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--micro-batch", type=int, default=0, help="samples per forward (0: the whole batch)")
+    args = parse_sizes(batch=8, parser=parser)
+    node, run = comfy_in_process(args.device)
+
+    mods = pack_modules(node)
+    model = build_model(args)
+    res = compare(run, mods, model, args, args.micro_batch)
+    trained = res["trained"]
     print(describe(args, model))
     print(f"{trained} trained (sample, step) pairs per update, micro-batch {args.micro_batch or args.batch}")
-    print(f"FlowGRPOUpdate {med_ours * 1e3 / trained:8.2f} ms   bare forward+backward {med_bare * 1e3 / trained:8.2f} ms"
-          f"   per trained (sample, step)   ratio {median_ratio(rows):.3f}x   (medians of {args.repeats})")
-
+    print(f"FlowGRPOUpdate {res['ours'] * 1e3 / trained:8.2f} ms   bare forward+backward "
+          f"{res['bare'] * 1e3 / trained:8.2f} ms   per trained (sample, step)   ratio {res['ratio']:.3f}x   "
+          f"(medians of {args.repeats})")
 
 if __name__ == "__main__":
     main()
