@@ -20,8 +20,9 @@ Sections, in this order (each one's failure is recorded and the run goes on):
    offloaded by an update, loaded again to score.
 4. ``flux-dev-fp8``: the same model with float8_e4m3fn weights (bf16 compute through ComfyUI's manual cast): the
    rollout, the update and its memory, or the error where the pack cannot do it.
-5. ``qwen-image`` (60 layers, 24 heads of 128, true CFG 4), as 2. while ``--time-budget`` allows: a section starts
-   only if the time its FLUX counterpart took, times ``--qwen-factor``, still fits.
+5. ``qwen-image`` (60 layers, 24 heads of 128, true CFG 4; ``--qwen-rollout-steps`` / ``--qwen-update-steps``), as
+   2. while ``--time-budget`` allows: a section starts only if the time its FLUX counterpart took, times
+   ``--qwen-factor``, is expected to end within the budget.
 
 Output: one JSON object per line in ``--out`` (``{"section", "item", ...}``) and a readable line on stdout.
 
@@ -73,12 +74,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1, help="samples per forward in the update (0: all)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--qwen-repeats", type=int, default=2)
+    p.add_argument("--qwen-rollout-steps", type=int, default=4)
+    p.add_argument("--qwen-update-steps", type=int, default=3)
     p.add_argument("--step-math-repeats", type=int, default=5)
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--no-cuda-paths", action="store_true")
-    p.add_argument("--time-budget", type=float, default=390.0, help="seconds from the start after which no "
-                                                                      "Qwen-Image section starts")
-    p.add_argument("--qwen-factor", type=float, default=2.5,
+    p.add_argument("--time-budget", type=float, default=340.0,
+                   help="seconds from the start within which a Qwen-Image section must be expected to end")
+    p.add_argument("--qwen-factor", type=float, default=1.8,
                    help="a Qwen-Image section's expected time as a multiple of its FLUX counterpart's")
     p.add_argument("--out", default="bench_gpu.jsonl")
     return p.parse_args()
@@ -189,11 +192,13 @@ def matmul_peak(device) -> Optional[float]:
 
 
 def model_args(args: argparse.Namespace, model: str, dtype: str, repeats: int) -> argparse.Namespace:
-    """The comfy_bench namespace of one model (``steps`` is set per bench)."""
-    depth = args.flux_depth if model.startswith("flux") else args.qwen_depth
-    return argparse.Namespace(model=model, depth=depth, heads=args.heads, size=args.size, batch=args.batch,
-                              steps=args.rollout_steps, repeats=repeats, tokens=args.tokens, device=args.device,
-                              dtype=dtype)
+    """The comfy_bench namespace of one model, with its rollout and update bench step counts."""
+    flux = model.startswith("flux")
+    return argparse.Namespace(model=model, depth=args.flux_depth if flux else args.qwen_depth, heads=args.heads,
+                              size=args.size, batch=args.batch, repeats=repeats, tokens=args.tokens,
+                              device=args.device, dtype=dtype,
+                              steps=args.rollout_steps if flux else args.qwen_rollout_steps,
+                              update_steps=args.update_steps if flux else args.qwen_update_steps)
 
 
 class Budget:
@@ -256,7 +261,7 @@ def model_section(rec: Recorder, node: dict, run, args: argparse.Namespace, name
     model = box.model
 
     def step_math():
-        ns = argparse.Namespace(**vars(margs), )
+        ns = argparse.Namespace(**vars(margs))
         ns.repeats = args.step_math_repeats
         res = bench_step_math.measure(node, model, ns)
         flops = count_flops(res["fns"]["forward"], inference=True)
@@ -266,7 +271,6 @@ def model_section(rec: Recorder, node: dict, run, args: argparse.Namespace, name
 
     def rollout():
         ns = argparse.Namespace(**vars(margs))
-        ns.steps = args.rollout_steps
         res = bench_rollout.compare(run, mods, model, ns)
         flops = {k: count_flops(fn) for k, fn in res["fns"].items()} if timing else {}
         rec(section, "rollout", stock_ms=res["stock"] * 1e3, ours_ms=res["ours"] * 1e3, ratio=res["ratio"],
@@ -275,7 +279,7 @@ def model_section(rec: Recorder, node: dict, run, args: argparse.Namespace, name
 
     def update():
         ns = argparse.Namespace(**vars(margs))
-        ns.steps = args.update_steps
+        ns.steps = margs.update_steps
         res = bench_update.compare(run, mods, model, ns, args.micro_batch)
         flops = {k: count_flops(fn) for k, fn in res["fns"].items()} if timing else {}
         n = res["trained"]
