@@ -113,8 +113,8 @@ prompt and many prompts per step; lower `group_size` and `prompts_per_iteration`
 def flowgrpo_sd35_grpo_loop() -> Graph:
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name="sd3.5_medium.safetensors")
-    clip = g.add("TripleCLIPLoader", clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors",
-                 clip_name3="t5xxl_fp16.safetensors")
+    clip = g.add("TripleCLIPLoader", "Text encoders (CLIP-G, CLIP-L, T5-XXL)", clip_name1="clip_g.safetensors",
+                 clip_name2="clip_l.safetensors", clip_name3="t5xxl_fp16.safetensors")
     init = g.add("FlowGRPOLoRAInit", "LoRA Init", model=ckpt, rank=32, alpha=64.0, targets="attention",
                  learning_rate=3e-4, seed=42, run_name="sd35_flowgrpo", resume="latest")
     start = g.add("FlowGRPOLoopStart", "Loop Start", value=init.out(0), iterations=1000)
@@ -142,8 +142,8 @@ VAE names with your files.""")
 def flowgrpo_flux_dev_grpo() -> Graph:
     g = Graph()
     model = g.add("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
-    clip = g.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
-                 type="flux")
+    clip = g.add("DualCLIPLoader", "Text encoders (CLIP-L, T5-XXL)", clip_name1="clip_l.safetensors",
+                 clip_name2="t5xxl_fp16.safetensors", type="flux")
     vae = g.add("VAELoader", vae_name="ae.safetensors")
     train = g.add("FlowGRPOTrain", "GRPO Train", model=model, clip=clip, vae=vae,
                   prompts="a photo of a cat\na watercolor of a lighthouse\na city street at night",

@@ -3,17 +3,30 @@
 ``ui_to_api(api_to_ui(x, info), info) == complete_api(x, info)``, which is ``x`` itself when ``x`` gives every widget
 input and a ``_meta.title`` (what :mod:`flowgrpo.graph` builds). Nodes are laid out left to right by their depth in
 the graph; node ids must be integers (as strings), since the frontend numbers nodes.
+
+The file is laid out as a current front end saves it, and it is the same whichever ComfyUI's ``/object_info`` the
+export reads (0.3.75 and 0.33 differ in ways a saved workflow need not show):
+
+* ``properties.cnr_id``: ``comfy-core`` for ComfyUI's own nodes (the front end's rule: the ``python_module`` starts
+  with ``nodes``, ``comfy_extras`` or ``comfy_api_nodes``), the pack's registry id (``[project] name`` of
+  ``pyproject.toml``) for nodes from ``custom_nodes``. No ``ver``: for core nodes it is the ComfyUI version.
+* Output slots after a node's last linked one are not written. Both front ends (1.32 and 1.49, checked by
+  ``tests/comfy/test_frontend_browser.py``) add a node's missing outputs from its definition when they load a file,
+  and definitions grow: on ComfyUI 0.33 SaveImage and PreviewImage pass their images on as an output.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Optional
 
 from . import schema
 from .errors import UnknownNodeTypes, missing_types
 
-__all__ = ["complete_api", "api_to_ui"]
+__all__ = ["complete_api", "api_to_ui", "pack_registry_id", "CORE_MODULES"]
 
 COLUMN_GAP, ROW_GAP, TITLE_H = 80, 50, 30
 BAND_WIDTH = 1900  # canvas units: the automatic layout wraps into a new band past this
@@ -77,18 +90,41 @@ def _size(info: dict, n_sockets: int, n_outputs: int) -> list[float]:
     return [width, height]
 
 
-def _cnr_id(info: dict, pack_id: str) -> str:
-    return pack_id if str(info.get("python_module", "")).startswith("custom_nodes.") else "comfy-core"
+#: first part of the ``python_module`` of ComfyUI's own nodes (the front end's ``getNodeSource``)
+CORE_MODULES = ("nodes", "comfy_extras", "comfy_api_nodes")
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@lru_cache(maxsize=None)
+def pack_registry_id(pyproject: Path = PYPROJECT) -> str:
+    """The pack's Comfy Registry id: ``name`` in the ``[project]`` table of ``pyproject.toml``."""
+    table = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", pyproject.read_text(encoding="utf-8"), re.M | re.S)
+    name = re.search(r'^name\s*=\s*"([^"]+)"', table.group(1), re.M) if table else None
+    if name is None:
+        raise ValueError(f"{pyproject}: no name in its [project] table")
+    return name.group(1)
+
+
+def _properties(info: dict, class_type: str, pack_id: str) -> dict:
+    properties = {"Node name for S&R": class_type}
+    source = str(info.get("python_module", "")).split(".")
+    if source[0] in CORE_MODULES:
+        properties["cnr_id"] = "comfy-core"
+    elif source[0] == "custom_nodes":
+        properties["cnr_id"] = pack_id
+    return properties
 
 
 def api_to_ui(api: dict, object_info: dict, layout: Optional[dict] = None, note: Optional[str] = None,
-              pack_id: str = "flowgrpo") -> dict:
+              pack_id: Optional[str] = None) -> dict:
     """The frontend workflow (``version 0.4``) for an API prompt.
 
     layout:  optional ``{node_id: [x, y]}`` positions overriding the automatic left-to-right layout.
     note:    optional Markdown text, shown in a ``MarkdownNote`` left of the graph (dropped again by ``ui_to_api``).
-    pack_id: the registry id written as ``properties.cnr_id`` of custom nodes (core nodes get ``comfy-core``).
+    pack_id: the registry id written as ``properties.cnr_id`` of custom nodes (default: this pack's,
+             :func:`pack_registry_id`); core nodes get ``comfy-core``.
     """
+    pack_id = pack_id or pack_registry_id()
     api = complete_api(api, object_info)
     for node_id in api:
         if not (node_id.isdigit() and str(int(node_id)) == node_id):
@@ -144,15 +180,17 @@ def api_to_ui(api: dict, object_info: dict, layout: Optional[dict] = None, note:
         title = node["_meta"].get("title")
         if title and title != schema.display_name(info, node["class_type"]):
             entry["title"] = title
-        entry["properties"] = {"Node name for S&R": node["class_type"], "cnr_id": _cnr_id(info, pack_id)}
+        entry["properties"] = _properties(info, node["class_type"], pack_id)
         entry["widgets_values"] = widgets_values
         nodes[node_id] = entry
     for node_id, entry in nodes.items():
         info = object_info[entry["type"]]
         names = info.get("output_name") or info.get("output") or []
+        types = schema.output_types(info)
+        written = 1 + max((i for i in range(len(types)) if (node_id, i) in consumers), default=-1)
         entry["outputs"] = [{"name": str(names[i]) if i < len(names) else t, "type": t,
                              "links": consumers.get((node_id, i), []), "slot_index": i}
-                            for i, t in enumerate(schema.output_types(info))]
+                            for i, t in enumerate(types[:written])]
     _place(nodes, depth, layout or {})
     ui_nodes = [nodes[i] for i in sorted(nodes, key=int)]
     if note:
