@@ -190,6 +190,18 @@ def cmd_demo(args) -> int:
     return _run_workflow(args, path, DEMO_HOME)
 
 
+def cmd_runtime(args) -> int:
+    from . import server
+
+    root = server.locate_comfyui()
+    v = server.runtime_versions(root)
+    import torch  # the environment's, not ComfyUI's: imports no ComfyUI
+
+    _say(f"ComfyUI {v['comfyui']} (front end {v['frontend']}) at {root}; Python {sys.version.split()[0]}, "
+         f"torch {torch.__version__}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="URL", help="use a running ComfyUI (e.g. http://127.0.0.1:8188) instead of "
@@ -232,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comfy-arg", action="append", metavar="FLAG", help="extra flag for the server (repeatable)")
     _add_run_options(p)
     p.set_defaults(func=cmd_demo, server=None)
+    p = sub.add_parser("runtime", help="print the ComfyUI runtime in use (COMFYUI_PATH, else the bootstrapped one), "
+                                       "its front end and torch")
+    p.set_defaults(func=cmd_runtime)
     return parser
 
 

