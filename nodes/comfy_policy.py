@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..flowgrpo_core.sde import velocity_from_denoised
+from .compat import interrupts_held, training_mode
 
 __all__ = [
     "LORA_TARGETS",
@@ -546,7 +547,8 @@ class ComfyFlowPolicy:
         self.checkpointing = bool(checkpointing)
         #: every sampling forward is an interrupt point; a training forward only while this is True. An update with
         #: several optimizer steps sets it False: interrupted between its steps, the LoRA would hold part of an
-        #: update that no iteration count describes (with one step, every forward comes before the step).
+        #: update that no iteration count describes (with one step, every forward comes before the step). Read
+        #: when :meth:`training` is entered.
         self.interrupt_in_training = True
         self.adapters = lora_adapters(patcher)  # empty for a plain MODEL: it can sample but not train
         self.patch_size = int(getattr(patcher.model.diffusion_model, "patch_size", 2))
@@ -569,7 +571,8 @@ class ComfyFlowPolicy:
         _refuse_swapped(self.adapters, "training")
         base = self.patcher.model
         mutation = contextlib.nullcontext() if self.checkpointing else mutation_guard(base)
-        with torch.inference_mode(False), torch.enable_grad(), mutation, \
+        held = contextlib.nullcontext() if self.interrupt_in_training else interrupts_held()
+        with torch.inference_mode(False), torch.enable_grad(), training_mode(), held, mutation, \
                 gradient_checkpointing(self.patcher, self.checkpointing, copy_inputs=mutates_saved_tensors(base)):
             self._training_depth += 1
             try:

@@ -32,6 +32,7 @@ def mods(flowgrpo_pack):
     """The pack's modules as ComfyUI loaded them (relative imports: same package as the policy)."""
     pkg = flowgrpo_pack.package
     return SimpleNamespace(policy=importlib.import_module(f"{pkg}.nodes.comfy_policy"),
+                           compat=importlib.import_module(f"{pkg}.nodes.compat"),
                            rollout=importlib.import_module(f"{pkg}.flowgrpo_core.rollout"),
                            trainer=importlib.import_module(f"{pkg}.flowgrpo_core.trainer"))
 
@@ -303,7 +304,8 @@ def test_mutation_context_only_for_models_that_update_saved_tensors_in_place(kin
     x = tiny_models.random_latent(kind, batch=2, seed=5)
     P.ComfyFlowPolicy(patcher).ensure_loaded()
     params = [p for p in lora.values() if p.requires_grad]
-    with torch.inference_mode(False), torch.enable_grad():  # plain autograd, no mutation context
+    # plain autograd, no mutation context (in ComfyUI's training mode, as every graph-building forward runs)
+    with torch.inference_mode(False), torch.enable_grad(), mods.compat.training_mode():
         loss = patcher.model.apply_model(x, torch.tensor([0.9, 0.4]), **cond["positive"]).square().mean()
         if kind == "flux":
             with pytest.raises(RuntimeError, match="inplace"):

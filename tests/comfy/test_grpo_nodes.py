@@ -230,3 +230,120 @@ def test_combine_rewards_needs_two(mods, run_node):
     with pytest.raises(mods.state.NodeInputError, match="FlowGRPO Combine Rewards: 1 reward connected"):
         run_node("FlowGRPOCombineRewards", rewards_1=a, weight_1=1.0, weight_2=1.0, weight_3=1.0, weight_4=1.0,
                  mode="weighted_sum")
+
+
+class _ForwardProbe:
+    """A forward pre-hook on FLUX's first double block: records ComfyUI's training flag at each forward (None where
+    the runtime has none) and, armed, makes the ``fail_at``-th forward with gradients fail as ``failure`` says."""
+
+    def __init__(self, failure: str, fail_at: int = 2):
+        self.failure, self.fail_at, self.grad_forwards, self.flags = failure, fail_at, 0, []
+
+    def __call__(self, module, args):
+        import comfy.model_management as mm
+
+        self.flags.append(getattr(mm, "in_training", None))
+        if torch.is_grad_enabled():
+            self.grad_forwards += 1
+            if self.grad_forwards == self.fail_at:
+                if self.failure == "interrupt":  # a user's Cancel: seen at the next forward's interrupt check
+                    mm.interrupt_current_processing(True)
+                else:
+                    raise RuntimeError("a failure inside the model (probe)")
+
+
+def _kernel_counter(monkeypatch):
+    """Counts calls of ComfyUI's fused inference kernels for RoPE (comfy-kitchen, 2026 runtimes): ``None`` where the
+    runtime has none (then the flag is what the test can check)."""
+    import comfy.quant_ops
+
+    ck = getattr(comfy.quant_ops, "ck", None)
+    if ck is None or not hasattr(ck, "apply_rope1"):
+        return None
+    calls = {"n": 0}
+    for name in ("apply_rope", "apply_rope1"):
+        kernel = getattr(ck, name)
+
+        def counted(*a, _kernel=kernel, **kw):
+            calls["n"] += 1
+            return _kernel(*a, **kw)
+        monkeypatch.setattr(ck, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("failure", ["error", "interrupt"])
+def test_an_update_that_fails_midway_restores_comfyuis_training_flag(failure, mods, run_node, tiny_sd3_file,
+                                                                      monkeypatch):
+    """The update builds its graph in ComfyUI's training mode (2026 runtimes: kernels with autograd formulas) and,
+    failing midway (an error in the model, or the user's interrupt), leaves the flag as it found it: the next stock
+    sampling runs the inference kernels again and gives the same samples as before the update."""
+    import comfy.model_management as mm
+
+    kind = "flux"
+    model = load_model(kind, run_node, tiny_sd3_file)
+    single = tiny_models.conditioning(kind, seed=3)
+    kernels = _kernel_counter(monkeypatch)
+    before = stock_sample(run_node, model, single, kind)
+    kernel_calls_per_sampling = kernels and kernels["n"]
+    trainer, train_model = init_trainer(run_node, model, f"fails_midway_{failure}")
+    randomise_lora_(trainer)
+    _, rollout = run_node("FlowGRPOSDERollout", model=train_model, positive=batched_conditioning(kind, (3, 5), GROUP),
+                          groups=prompt_batch(mods), **rollout_inputs(kind))
+    params = {k: p.detach().clone() for k, p in trainer.lora_params.items()}
+    flag_before = getattr(mm, "in_training", None)
+    probe = _ForwardProbe(failure)
+    handle = model.model.diffusion_model.double_blocks[0].register_forward_pre_hook(probe)
+    try:
+        with pytest.raises((Exception, mm.InterruptProcessingException)) as raised:
+            run_node("FlowGRPOUpdate", trainer=trainer, rollout=rollout,
+                     rewards=mods.state.Rewards(values=torch.tensor([1.0, 0.0, 0.3, 0.9])), **UPDATE_DEFAULTS)
+        training_flags = list(probe.flags)
+        probe.flags.clear()
+        kernel_calls_before_after = kernels and kernels["n"]
+        after = stock_sample(run_node, model, single, kind)
+    finally:
+        handle.remove()
+        mm.interrupt_current_processing(False)
+    expected = {"error": "a failure inside the model", "interrupt": "Interrupt"}[failure]
+    assert expected in f"{type(raised.value).__name__}: {raised.value}"
+    assert probe.grad_forwards >= 2, "the failure must come after the update's first forward"
+    assert getattr(mm, "in_training", None) == flag_before
+    assert all(torch.equal(params[k], p.detach()) for k, p in trainer.lora_params.items()), "no partial update"
+    if flag_before is not None:  # a runtime with the flag: training forwards ran with it, stock sampling without
+        assert flag_before is False and training_flags and all(training_flags)
+        assert probe.flags and not any(probe.flags)
+    if kernels is not None:  # and the stock sampler ran ComfyUI's fused inference kernels again, as before
+        assert kernel_calls_per_sampling > 0
+        assert kernels["n"] - kernel_calls_before_after == kernel_calls_per_sampling
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_an_interrupt_during_a_multi_step_update_waits_for_its_end(mods, run_node, tiny_sd3_file):
+    """With several optimizer steps the update is not cut between them, although 2026 runtimes check for interrupts
+    at every op: the request stays pending and is raised at the first check after the update."""
+    import comfy.model_management as mm
+
+    kind = "flux"
+    model = load_model(kind, run_node, tiny_sd3_file)
+    trainer, train_model = init_trainer(run_node, model, "interrupt_multistep")
+    randomise_lora_(trainer)
+    _, rollout = run_node("FlowGRPOSDERollout", model=train_model, positive=batched_conditioning(kind, (3, 5), GROUP),
+                          groups=prompt_batch(mods), **rollout_inputs(kind))
+    params = {k: p.detach().clone() for k, p in trainer.lora_params.items()}
+    probe = _ForwardProbe("interrupt")
+    handle = model.model.diffusion_model.double_blocks[0].register_forward_pre_hook(probe)
+    try:
+        new_state, metrics_json, _ = run_node(
+            "FlowGRPOUpdate", trainer=trainer, rollout=rollout,
+            rewards=mods.state.Rewards(values=torch.tensor([1.0, 0.0, 0.3, 0.9])),
+            **dict(UPDATE_DEFAULTS, optimizer_steps=2))
+        pending = mm.processing_interrupted()
+        with pytest.raises(mm.InterruptProcessingException):
+            mm.throw_exception_if_processing_interrupted()
+    finally:
+        handle.remove()
+        mm.interrupt_current_processing(False)
+    assert probe.grad_forwards > probe.fail_at, "the interrupt came before the update's last forward"
+    assert pending and new_state.iteration == trainer.iteration + 1
+    assert json.loads(metrics_json)["iteration"] == 1
+    assert any(not torch.equal(params[k], p.detach()) for k, p in trainer.lora_params.items())
