@@ -153,7 +153,7 @@ def peft_key_map(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, list[tuple[
     """Native path -> ``[(diffusers path, rows), ...]`` from the ``prefix`` keys ComfyUI's loader accepts for ``model``.
 
     Entries that need a weight transform (e.g. SD3/FLUX ``norm_out`` scale/shift swap) are left out: a LoRA on those
-    has no exact PEFT form.
+    has no exact PEFT form. Where the loader accepts several names for one whole module, the first is used.
     """
     import comfy.lora
 
@@ -168,8 +168,13 @@ def peft_key_map(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, list[tuple[
             native, rows = target[0], (int(target[1][1]), int(target[1][2]))
         else:
             continue
-        if native.endswith(".weight"):
-            key_map.setdefault(native[: -len(".weight")], []).append((key[len(prefix):], rows))
+        if not native.endswith(".weight"):
+            continue
+        targets = key_map.setdefault(native[: -len(".weight")], [])
+        if rows is None and any(r is None for _, r in targets):
+            continue  # another name for a module already mapped whole (2026: LyCoris' ff.linear_in beside
+            # diffusers' ff.net.0.proj): the loader's first name is the diffusers one
+        targets.append((key[len(prefix):], rows))
     return key_map
 
 
