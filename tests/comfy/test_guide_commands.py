@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from guide_blocks import ci_commands, fenced_blocks, image_paths, linked_paths, missing_lines, \
@@ -28,9 +29,18 @@ def _guide() -> str:
     return GUIDE.read_text(encoding="utf-8")
 
 
+#: the virtualenv of this run: ``.venv`` on the default runtime, ``.venv-<version>`` with COMFYUI_PATH (see
+#: scripts/runtime_env.sh); the guide's ``.venv/bin/`` commands run in it, as the guide tells such users to.
+VENV = Path(sys.prefix).name if Path(sys.prefix).parent == REPO_ROOT else ".venv"
+
+
 def _env() -> dict:
-    venv_bin = REPO_ROOT / ".venv" / "bin"
+    venv_bin = REPO_ROOT / VENV / "bin"
     return dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
+
+
+def _as_run_here(body: str) -> str:
+    return body.replace(".venv/bin/", f"{VENV}/bin/")
 
 
 def test_every_shell_block_is_marked_run_or_skip():
@@ -48,7 +58,8 @@ def test_the_guides_commands_run_as_written():
     commands = ci_commands(fenced_blocks(_guide()))
     for command in commands:
         block = command.block
-        proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.body], cwd=REPO_ROOT, env=_env(),
+        proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", _as_run_here(block.body)], cwd=REPO_ROOT,
+                              env=_env(),
                               capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
         shown = f"\n--- command (guide line {block.line}) ---\n{block.body}\n--- stdout+stderr (tail) ---\n" \
                 f"{(proc.stdout + proc.stderr)[-OUTPUT_TAIL:]}"

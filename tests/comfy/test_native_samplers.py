@@ -1,5 +1,7 @@
 """The core's euler_ancestral kind against ComfyUI's own sample_euler_ancestral_RF, step by step."""
 
+from types import SimpleNamespace
+
 import torch
 
 
@@ -12,6 +14,7 @@ def test_euler_ancestral_matches_comfyui_with_the_same_noise(comfy_runtime):
     """Fed the same noise, the core's step reproduces every intermediate of ComfyUI's sampler, so the core can
     score a stock euler_ancestral trajectory with exact log-probs."""
     import comfy.k_diffusion.sampling as kds
+    import tiny_models
     from flowgrpo_core.sde import sde_step
 
     g = torch.Generator().manual_seed(0)
@@ -19,9 +22,18 @@ def test_euler_ancestral_matches_comfyui_with_the_same_noise(comfy_runtime):
     sigmas = torch.tensor([1.0, 0.85, 0.6, 0.35, 0.1, 0.0])
     noises = [torch.randn(x_start.shape, generator=g) for _ in range(len(sigmas) - 1)]
 
-    def denoiser(x, sigma, **_):  # ComfyUI's convention: the denoised x0_hat = x - sigma * v
-        s = sigma.view(-1, 1, 1, 1)
-        return x - s * _velocity(x, s)
+    class Denoiser:
+        """A KSAMPLER's denoiser: returns x0_hat = x - sigma * v (ComfyUI's convention), and reaches the model
+        patcher as ComfyUI's denoiser does (``inner_model.model_patcher``: 2026 samplers read its model_sampling's
+        noise_scale); the patcher is a real tiny SD3's, a flow model with noise scale 1."""
+
+        inner_model = SimpleNamespace(model_patcher=tiny_models.build_sd3())
+
+        def __call__(self, x, sigma, **_):
+            s = sigma.view(-1, 1, 1, 1)
+            return x - s * _velocity(x, s)
+
+    denoiser = Denoiser()
 
     for eta in (0.0, 0.5, 1.0):
         calls = iter(noises)

@@ -42,13 +42,40 @@ MODEL_KINDS = tuple(LATENT_CHANNELS)
 
 
 # ----------------------------------------------------------------------------------------------- configs
+#: FLUX.1 values of ``FluxParams`` fields that some ComfyUI releases require and others lack (as
+#: ``comfy.model_detection`` sets them for a FLUX.1 checkpoint): used only where the runtime's ``FluxParams`` has them.
+FLUX1_VERSIONED_FIELDS = {"txt_ids_dims": []}
+
+
+def fit_to_params(params_cls, config: dict, versioned: dict) -> dict:
+    """``config`` as the runtime's parameter dataclass ``params_cls`` takes it: keys it has no field for are dropped
+    only if they are ``versioned`` ones, required fields missing from ``config`` come from ``versioned``; anything
+    else the runtime requires and the fixture lacks fails with the field's name (a stale fixture)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    out = {k: v for k, v in config.items() if k in fields or k not in versioned}
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in out and name in versioned:
+            out[name] = versioned[name]
+        elif required and name not in out:
+            raise TypeError(f"this ComfyUI's {params_cls.__qualname__} requires {name!r}, which the tiny fixture "
+                            f"does not set: add its FLUX.1 value (see comfy/model_detection.py) to "
+                            f"FLUX1_VERSIONED_FIELDS")
+    return out
+
+
 def flux_unet_config() -> dict:
-    return {
+    """The tiny FLUX.1 config, fitted to the running ComfyUI's ``FluxParams``."""
+    from comfy.ldm.flux.model import FluxParams
+
+    return fit_to_params(FluxParams, {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": FLUX_POOLED_DIM,
         "context_in_dim": FLUX_CONTEXT_DIM, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
         "depth_single_blocks": 1, "axes_dim": [8, 28, 28], "theta": 10000, "patch_size": 2, "qkv_bias": True,
         "guidance_embed": True,
-    }
+    }, FLUX1_VERSIONED_FIELDS)
 
 
 def qwen_image_unet_config() -> dict:
