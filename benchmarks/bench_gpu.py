@@ -78,6 +78,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--qwen-update-steps", type=int, default=3)
     p.add_argument("--step-math-repeats", type=int, default=5)
     p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="the big models' offload device is the GPU (ComfyUI's --gpu-only for diffusion models): "
+                        "the stock sampler on the model and the rollout on its LoRA clone do not move the weights")
+    p.add_argument("--skip", default="", help="comma-separated items not to run: step_math, rollout, update, memory, each "
+                                                  "optionally as SECTION:ITEM (e.g. flux-dev:update)")
     p.add_argument("--no-cuda-paths", action="store_true")
     p.add_argument("--time-budget", type=float, default=340.0,
                    help="seconds from the start within which a Qwen-Image section must be expected to end")
@@ -196,7 +201,7 @@ def model_args(args: argparse.Namespace, model: str, dtype: str, repeats: int) -
     flux = model.startswith("flux")
     return argparse.Namespace(model=model, depth=args.flux_depth if flux else args.qwen_depth, heads=args.heads,
                               size=args.size, batch=args.batch, repeats=repeats, tokens=args.tokens,
-                              device=args.device, dtype=dtype,
+                              device=args.device, dtype=dtype, gpu_only=args.gpu_only,
                               steps=args.rollout_steps if flux else args.qwen_rollout_steps,
                               update_steps=args.update_steps if flux else args.qwen_update_steps)
 
@@ -228,6 +233,10 @@ def model_section(rec: Recorder, node: dict, run, args: argparse.Namespace, name
     pack = bench_memory._Pack(node)
 
     def step(item: str, fn: Callable[[], None]) -> bool:
+        skips = args.skip.split(",")
+        if item in skips or f"{section}:{item}" in skips:
+            rec(section, item, skipped="--skip")
+            return False
         if is_qwen and not budget.fits(section, item):
             return False
         t = time.perf_counter()
@@ -290,10 +299,18 @@ def model_section(rec: Recorder, node: dict, run, args: argparse.Namespace, name
         box.update = res
 
     def memory():
-        if box.update is None:
-            raise RuntimeError("no update bench trainer / rollout to measure")
         res = box.update
-        for mode, on in (("off", False), ("on", True)):
+        if res is None:  # the update bench did not run: a trainer and rollout of its settings
+            ns = argparse.Namespace(**vars(margs))
+            ns.steps = margs.update_steps
+            trainer, train_model = run("FlowGRPOLoRAInit", model=model.patcher, rank=16, alpha=16.0,
+                                       targets="attention", learning_rate=1e-4, seed=0, run_name="bench_gpu_memory",
+                                       resume="none")
+            res = dict(trainer=trainer, rewards=mods["nodes.state"].Rewards(values=torch.linspace(0, 1, ns.batch)),
+                       rollout=bench_update.sample_rollout(run, mods, model, ns, train_model, args.micro_batch))
+        # on first: the off pass's activation count (bench_memory.saved_activation_bytes) left its saved tensors
+        # allocated in the first device run, which raised the next measurement's baseline
+        for mode, on in (("on", True), ("off", False)):
             try:
                 row = bench_memory.measure_update(pack, run, res["trainer"], res["rollout"], res["rewards"], on)
             except torch.OutOfMemoryError as exc:

@@ -23,6 +23,7 @@ and its weights are filled there (seeded), so a 12 B model never exists on the C
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import statistics
 import sys
@@ -139,11 +140,13 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}[name]
 
 
-def build_patcher(config_cls, unet_config: dict, dtype, device=None, seed: int = 0):
+def _build_patcher(config_cls, unet_config: dict, dtype, device=None, seed: int = 0, gpu_only: bool = False):
     """A ``ModelPatcher`` of ``config_cls(unet_config)`` with seeded N(0, 0.02^2) weights. On the CPU with a float
     dtype: ``flowgrpo.demo_models.build_model_patcher`` (unchanged values). Otherwise the model is built on
     ``device`` (ComfyUI's ops leave the weights uninitialised) and every parameter and floating buffer is filled
-    there, in name order, from a generator on that device; fp8 storage computes in bf16 (ComfyUI's manual cast)."""
+    there, in name order, from a generator on that device; fp8 storage computes in bf16 (ComfyUI's manual cast).
+    ``gpu_only``: the offload device is the load device, as ComfyUI's ``--gpu-only`` makes it for diffusion models
+    (switching between the model and a clone with other patches then leaves the weights on the GPU)."""
     import comfy.model_management
     import comfy.model_patcher
     import torch
@@ -151,7 +154,7 @@ def build_patcher(config_cls, unet_config: dict, dtype, device=None, seed: int =
 
     device = torch.device(device or "cpu")
     fp8 = dtype == torch.float8_e4m3fn
-    if device.type == "cpu" and not fp8:
+    if device.type == "cpu" and not fp8 and not gpu_only:
         return build_model_patcher(config_cls, unet_config, seed, dtype=dtype)
     config = config_cls(dict(unet_config))
     config.set_inference_dtype(dtype, torch.bfloat16 if fp8 else None)
@@ -166,8 +169,9 @@ def build_patcher(config_cls, unet_config: dict, dtype, device=None, seed: int =
             fill = torch.randn(t.shape, generator=generator, device=t.device, dtype=torch.float32).mul_(INIT_STD)
             t.copy_(fill.to(t.dtype))
             del fill
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    load = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=load if gpu_only else
+                                            comfy.model_management.unet_offload_device())
 
 
 def _rows(tensor, batch: int):
@@ -183,6 +187,7 @@ def build_model(args: argparse.Namespace) -> BenchModel:
 
     dtype = torch_dtype(args.dtype)
     device = "cuda" if args.device == "cuda" else None
+    build_patcher = functools.partial(_build_patcher, gpu_only=getattr(args, "gpu_only", False))
     g = torch.Generator().manual_seed(1)
     latent = (args.batch, 16, args.size, args.size)
     cfg = CFG[args.model]
