@@ -153,7 +153,8 @@ def peft_key_map(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, list[tuple[
     """Native path -> ``[(diffusers path, rows), ...]`` from the ``prefix`` keys ComfyUI's loader accepts for ``model``.
 
     Entries that need a weight transform (e.g. SD3/FLUX ``norm_out`` scale/shift swap) are left out: a LoRA on those
-    has no exact PEFT form. Where the loader accepts several names for one whole module, the first is used.
+    has no exact PEFT form. Where the loader accepts several forms of one module (names, or whole vs row
+    slices), the first it lists is used.
     """
     import comfy.lora
 
@@ -171,9 +172,11 @@ def peft_key_map(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, list[tuple[
         if not native.endswith(".weight"):
             continue
         targets = key_map.setdefault(native[: -len(".weight")], [])
-        if rows is None and any(r is None for _, r in targets):
-            continue  # another name for a module already mapped whole (2026: LyCoris' ff.linear_in beside
-            # diffusers' ff.net.0.proj): the loader's first name is the diffusers one
+        if targets and (rows is None or targets[0][1] is None):
+            # another form of a module already mapped (2026 loaders add LyCoris' ff.linear_in beside diffusers'
+            # ff.net.0.proj, and FLUX.2's whole attn.to_qkv_mlp_proj beside FLUX.1's row slices): the first form
+            # the loader lists is kept, whole or sliced
+            continue
         targets.append((key[len(prefix):], rows))
     return key_map
 
