@@ -26,7 +26,10 @@ Sections, in this order (each one's failure is recorded and the run goes on):
 
 Output: one JSON object per line in ``--out`` (``{"section", "item", ...}``) and a readable line on stdout.
 
-Run (GPU): ``python benchmarks/bench_gpu.py --device cuda --out bench_gpu.jsonl``; on a CPU at tiny size:
+Run (GPU): ``python benchmarks/bench_gpu.py --device cuda --gpu-only --out bench_gpu.jsonl`` (without ``--gpu-only``
+the rollout bench also times ComfyUI moving the weights when it switches between the model and its LoRA clone: about
+23 s per call at 12 B parameters on an H200); on a machine without network, ``benchmarks/bench_gpu_device.sh``
+carries what it needs. On a CPU at tiny size:
 ``.venv/bin/python benchmarks/bench_gpu.py --device cpu --heads 2 --flux-depth 1 --qwen-depth 1 --size 8
 --tokens 8 --rollout-steps 3 --update-steps 3 --repeats 1``
 """

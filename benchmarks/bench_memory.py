@@ -176,7 +176,7 @@ def saved_activation_bytes(pack, policy, rollout, exclude: set) -> tuple[int, in
             base = t if t._base is None else t._base
             if weights.get(id(base)) is base:
                 merged[s.data_ptr()] = s.nbytes()
-        return t
+        return t.detach()  # not t itself: a saved output packed as itself makes a reference cycle (tensor -> graph -> tensor) that gc cannot see, and its graph leaked
 
     # inside training(): these hooks replace the mutation context's own (no backward is run on this graph)
     with recording_merged_weights(policy) as weights, policy.training(), \
@@ -184,6 +184,9 @@ def saved_activation_bytes(pack, policy, rollout, exclude: set) -> tuple[int, in
         loss = first_step_loss(pack, policy, rollout)
     copies = 0 if policy.checkpointing else sum(t.numel() * t.element_size() for (_, _, version), t in packed.items()
                                                 if t._version != version)
+    # the hook stays referenced after this function returns (seen with FLUX's mutation guard: the first GPU run kept
+    # this pass's 35 GiB of activations allocated), so drop what it holds
+    packed.clear()
     del loss
     return sum(saved.values()), copies, sum(merged.values())
 
