@@ -13,7 +13,13 @@ Training-state file (the sidecar of a LoRA checkpoint), metadata keys:
 ``settings``        JSON: how the LoRA was made (rank, alpha, targets, ...)
 ``extra``           JSON: anything else the caller keeps (may reference tensors)
 ``optimizer``       JSON: the optimizer ``state_dict`` with its tensors replaced by references
+``tensors_sha256``  :func:`tensor_digest` of the file's tensors: :func:`load_training_state` refuses a file whose
+                    tensors do not match it (damage that leaves the header readable)
 ==================  ===========================================================================================
+
+Writes are atomic (:func:`atomic_write_files`: temporary files, fsync, rename), and a checkpoint's files are written as
+one group: every file is complete on disk before the first is renamed into place, so a failed write (a full disk, a
+read-only folder) leaves the previous files as they were and no partial file behind.
 
 A value that is not plain JSON is encoded with a one-key tag: ``{"__tensor__": name}`` (a tensor stored in the file
 under ``name``), ``{"__tuple__": [...]}``, and ``{"__items__": [[key, value], ...]}`` for a dict whose keys are not
@@ -31,6 +37,7 @@ LoRA layouts (per adapted Linear ``W [out, in]``, update ``dW = alpha / r * B @ 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -45,7 +52,10 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "CheckpointError",
     "TrainingStateFile",
+    "atomic_write_files",
     "atomic_save_safetensors",
+    "safetensors_bytes",
+    "tensor_digest",
     "read_safetensors_metadata",
     "encode_tree",
     "decode_tree",
@@ -78,41 +88,75 @@ def _cpu_tensor(name: str, value: Any) -> torch.Tensor:
     return value.detach().to("cpu").contiguous().clone()
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns ``path``.
+def atomic_write_files(files: Sequence[tuple[PathLike, bytes]]) -> list[Path]:
+    """Write each ``(path, data)`` atomically and all of them as one group; returns the paths.
 
-    The bytes go to a new temporary file in the same folder (created like any regular file: mode 0o666 minus the
-    umask), are flushed to disk (fsync) and the file is renamed over ``path`` (``os.replace``). If anything fails, the
-    temporary file is removed and an existing ``path`` is left as it was.
+    Every file's bytes go to a new temporary file in its folder (created like any regular file: mode 0o666 minus the
+    umask) and are flushed to disk (fsync); only when all are written are they renamed over their paths
+    (``os.replace``), in the given order (put the file whose presence marks the group complete last). If a write
+    fails (e.g. ENOSPC, EACCES), every temporary file is removed and every existing path is left as it was. Renames
+    within one folder do not fail for lack of space; should one fail all the same, the files renamed before it are
+    removed too, so no part of the group stays behind.
     """
-    path = Path(path)
-    tmp_name = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    pending: list[tuple[Path, str]] = []
+    done: list[Path] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        for path, data in files:
+            path = Path(path)
+            tmp_name = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            pending.append((path, tmp_name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp_name in pending:
+            os.replace(tmp_name, path)
+            done.append(path)
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        for path, tmp_name in pending:
+            for leftover in ((tmp_name,) if path not in done else (str(path),)):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
         raise
-    _fsync_dir(path.parent)
-    return path
+    for folder in {path.parent for path, _ in pending}:
+        _fsync_dir(folder)
+    return [path for path, _ in pending]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write_files` with one file); returns ``path``. If anything
+    fails, the temporary file is removed and an existing ``path`` is left as it was."""
+    return atomic_write_files([(path, data)])[0]
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """``tensors`` (+ string ``metadata``) serialised as a safetensors file, from detached contiguous CPU copies."""
+    import safetensors.torch
+
+    cpu = {str(k): _cpu_tensor(str(k), v) for k, v in tensors.items()}
+    meta = None if metadata is None else {str(k): v for k, v in metadata.items()}
+    return safetensors.torch.save(cpu, metadata=meta)
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
                             metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Write ``tensors`` (+ string ``metadata``) to ``path`` as safetensors with :func:`atomic_write_bytes`; returns
     ``path``. Tensors are stored as detached, contiguous CPU copies; a failure leaves an existing ``path`` as it was."""
-    import safetensors.torch
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
-    cpu = {str(k): _cpu_tensor(str(k), v) for k, v in tensors.items()}
-    meta = None if metadata is None else {str(k): v for k, v in metadata.items()}
-    return atomic_write_bytes(path, safetensors.torch.save(cpu, metadata=meta))
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over every tensor's name, dtype, shape and bytes, in name order: the same for the tensors saved
+    and the tensors loaded back from an intact file, different after any change of a byte."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -246,6 +290,7 @@ def training_state_payload(optimizer: Union[torch.optim.Optimizer, Mapping[str, 
         "extra": _dumps(encode_tree(dict(extra or {}), "extra", tensors)),
         "optimizer": opt_meta,
     }
+    metadata["tensors_sha256"] = tensor_digest(tensors)
     return tensors, metadata
 
 
@@ -277,7 +322,14 @@ def load_training_state(path: PathLike) -> TrainingStateFile:
         raise CheckpointError(f"{path} has training-state format version {version or 'unknown'}; this FlowGRPO "
                               f"reads version {STATE_FORMAT_VERSION}")
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; optimizer state must stay mutable
-        tensors = safetensors.torch.load_file(str(path), device="cpu")
+        try:
+            tensors = safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors' own SafetensorError: truncated data, a broken header
+            raise CheckpointError(f"{path} is a damaged FlowGRPO training state ({exc})") from exc
+        recorded = meta.get("tensors_sha256")
+        if recorded is not None and tensor_digest(tensors) != recorded:
+            raise CheckpointError(f"{path} is a damaged FlowGRPO training state: its tensors do not match the "
+                                  "checksum they were saved with")
         try:
             return TrainingStateFile(
                 optimizer_state=optimizer_state_from_tensors(tensors, meta["optimizer"]),

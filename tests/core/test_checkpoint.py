@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+import errno
+
 import pytest
 import safetensors
 import safetensors.torch
@@ -158,6 +160,10 @@ def test_training_state_bad_files_give_clear_errors(tmp_path):
         ck.load_training_state(future)
     damaged = tmp_path / "damaged.flowgrpo-state"
     ck.atomic_save_safetensors({}, damaged, dict(metadata))  # metadata refers to tensors that are not there
+    with pytest.raises(ck.CheckpointError, match="do not match the checksum"):
+        ck.load_training_state(damaged)
+    unchecked = {k: v for k, v in metadata.items() if k != "tensors_sha256"}  # a file from before the checksum
+    ck.atomic_save_safetensors({}, damaged, unchecked)
     with pytest.raises(ck.CheckpointError, match="does not contain"):
         ck.load_training_state(damaged)
     with pytest.raises(TypeError, match="extra.obj"):
@@ -224,3 +230,60 @@ def test_peft_from_comfy_refuses_inexact_exports():
         ck.peft_from_comfy({**lora, "diffusion_model.m.diff_b": torch.ones(6)}, {"diffusion_model.m": [("a", None)]})
     with pytest.raises(ValueError, match="needs both"):
         ck.peft_from_comfy({"diffusion_model.m.lora_up.weight": torch.ones(6, 2)}, {"diffusion_model.m": [("a", None)]})
+
+
+# ----------------------------------------------------------------------------------------------- damage and groups
+def _saved_state(tmp_path):
+    _, opt = _trained_adamw()
+    path = ck.save_training_state(tmp_path / "run_00003.flowgrpo-state", opt, iteration=3, history=[{"r": 1.0}],
+                                  settings={"rank": 2})
+    return path, path.read_bytes()
+
+
+def _data_start(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header, tensor bytes
+
+
+@pytest.mark.parametrize("damage", ["flipped_tensor_byte", "zeroed_tensor_block", "truncated", "broken_header"])
+def test_a_damaged_training_state_is_refused(tmp_path, damage):
+    """Damage of several kinds, including kinds that leave the header readable, is refused with a clear error."""
+    path, data = _saved_state(tmp_path)
+    assert ck.load_training_state(path).iteration == 3
+    start = _data_start(data)
+    body = bytearray(data)
+    if damage == "flipped_tensor_byte":
+        body[start + 5] ^= 0x40
+    elif damage == "zeroed_tensor_block":
+        body[start:start + 16] = bytes(16)
+    elif damage == "truncated":
+        body = body[: len(body) - 7]
+    else:
+        body[10:20] = b"#" * 10
+    assert bytes(body) != data
+    path.write_bytes(bytes(body))
+    with pytest.raises(ck.CheckpointError, match="damaged|not a readable"):
+        ck.load_training_state(path)
+
+
+def test_a_group_write_that_fails_leaves_the_old_files_and_no_partial_file(tmp_path, full_folder):
+    """A group of files written where the second does not fit: nothing is renamed, no temporary file stays, the
+    files that were there keep their bytes; a group that fits is written whole."""
+    old = {name: bytes([i]) * 100 for i, name in enumerate(("a.safetensors", "a.flowgrpo-state"), start=1)}
+    for name, content in old.items():
+        (full_folder.path / name).write_bytes(content)
+    with pytest.raises(OSError) as failed:
+        ck.atomic_write_files([(full_folder.path / "a.safetensors", b"new" * 10),
+                               (full_folder.path / "a.flowgrpo-state", b"x" * full_folder.too_big)])
+    assert failed.value.errno in (errno.ENOSPC, errno.EFBIG)
+    assert {p.name: p.read_bytes() for p in full_folder.path.iterdir()} == old
+    written = ck.atomic_write_files([(full_folder.path / "b.safetensors", b"b" * 10),
+                                     (full_folder.path / "b.flowgrpo-state", b"s" * 10)])
+    assert [p.read_bytes() for p in written] == [b"b" * 10, b"s" * 10]
+
+
+def test_a_group_write_into_a_read_only_folder_fails_and_changes_nothing(read_only_folder):
+    before = {p.name: p.read_bytes() for p in read_only_folder.iterdir()}
+    with pytest.raises(OSError) as failed:
+        ck.atomic_write_files([(read_only_folder / "keep.safetensors", b"new")])
+    assert failed.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    assert {p.name: p.read_bytes() for p in read_only_folder.iterdir()} == before
