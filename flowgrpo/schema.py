@@ -14,18 +14,21 @@ positional ``widgets_values`` of a UI-format workflow follow:
   followed by its "control after generate" value (``"fixed"``, ``"randomize"``, ...); a combo with
   ``control_after_generate`` by that value and a filter string;
 * a node with a media-upload combo (``image_upload``/``video_upload``/``animated_image_upload``, or ``audio_upload``
-  on its ``audio`` input) gets an "upload" button widget after its required inputs.
+  on its ``audio`` input) gets an "upload" button widget after its required inputs;
+* a V3 dynamic combo (``COMFY_DYNAMICCOMBO_V3``, ComfyUI 0.33) is a combo of its options' keys, followed by the widgets
+  of the selected option (:mod:`flowgrpo.dynamic_inputs`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["WIDGET_TYPES", "CONTROL_VALUES", "SEED_NAMES", "input_specs", "spec_type", "spec_options",
-           "combo_options", "is_widget", "control_slots", "widget_layout", "output_types", "display_name",
-           "types_match", "default_value"]
+__all__ = ["WIDGET_TYPES", "DYNAMIC_COMBO", "CONTROL_VALUES", "SEED_NAMES", "input_specs", "spec_type",
+           "spec_options", "combo_options", "is_widget", "control_slots", "widget_entries", "widget_layout",
+           "output_types", "display_name", "types_match", "default_value"]
 
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO})
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize", "increment-wrap"})
 SEED_NAMES = frozenset({"seed", "noise_seed"})
 _MEDIA_UPLOAD_FLAGS = ("image_upload", "video_upload", "animated_image_upload")
@@ -56,21 +59,25 @@ def spec_options(spec: Any) -> dict:
 
 
 def combo_options(spec: Any) -> Optional[list]:
-    """The choices of a combo input (V1 list or V3 ``COMBO`` with ``options``); None for other inputs."""
+    """The choices of a combo input (V1 list, V3 ``COMBO`` with ``options``, or the option keys of a dynamic combo);
+    None for other inputs."""
     t = spec[0] if isinstance(spec, (list, tuple)) and spec else None
     if isinstance(t, (list, tuple)):
         return list(t)
     if t == "COMBO":
         return list(spec_options(spec).get("options") or [])
+    if t == DYNAMIC_COMBO:
+        return [option.get("key") for option in spec_options(spec).get("options") or []]
     return None
 
 
 def is_widget(spec: Any) -> bool:
-    """Whether the frontend shows this input as a widget (and keeps a ``widgets_values`` slot for it)."""
+    """Whether the frontend shows this input as a widget (and keeps a ``widgets_values`` slot for it): a widget type
+    that is not forced to a socket, or a ``socketless`` input (ComfyUI 0.33: a widget of its own type, e.g. COLOR)."""
     opts = spec_options(spec)
     if opts.get("forceInput") or opts.get("defaultInput"):
         return False
-    return spec_type(spec) in WIDGET_TYPES
+    return spec_type(spec) in WIDGET_TYPES or bool(opts.get("socketless"))
 
 
 def control_slots(name: str, spec: Any) -> int:
@@ -94,6 +101,11 @@ def _has_media_upload(info: dict) -> bool:
     return False
 
 
+def widget_entries(name: str, spec: Any) -> list[tuple[Optional[str], Any]]:
+    """The ``widgets_values`` entries of one widget input: itself, then its UI-only slots (see widget_layout)."""
+    return [(name, spec)] + [(None, "fixed"), (None, "")][:control_slots(name, spec)]
+
+
 def widget_layout(info: dict) -> list[tuple[Optional[str], Any]]:
     """The node's ``widgets_values`` layout: ``(input name, spec)`` for a real widget, ``(None, ui_value)`` for a
     UI-only slot (``ui_value`` is what :func:`api_to_ui` writes there: ``"fixed"``, ``""`` or ``"image"``)."""
@@ -103,11 +115,8 @@ def widget_layout(info: dict) -> list[tuple[Optional[str], Any]]:
     for i, (name, spec, _section) in enumerate(specs):
         if i == n_required and _has_media_upload(info):
             layout.append((None, "image"))
-        if not is_widget(spec):
-            continue
-        layout.append((name, spec))
-        extra = control_slots(name, spec)
-        layout += [(None, "fixed"), (None, "")][:extra]
+        if is_widget(spec):
+            layout += widget_entries(name, spec)
     if n_required == len(specs) and _has_media_upload(info):
         layout.append((None, "image"))
     return layout

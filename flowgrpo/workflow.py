@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from . import schema
+from . import dynamic_inputs, schema
 from .errors import UnknownNodeTypes, WorkflowError, missing_types as _missing_types
 from .ui_export import api_to_ui, complete_api
 
@@ -150,22 +150,25 @@ def _wrap(value: Any) -> Any:
 
 def _widget_inputs(node: dict, info: dict) -> dict:
     values = node.get("widgets_values")
+    by_name = isinstance(values, dict)  # some packs save widgets by name
+    values = values if by_name else list(values or [])
     layout = schema.widget_layout(info)
     out = {}
-    if isinstance(values, dict):  # some packs save widgets by name
-        for name, spec in layout:
-            if name is not None:
-                out[name] = values.get(name, schema.default_value(spec))
-        return out
-    values = list(values or [])
-    pos = 0
-    for name, spec in layout:
+    pos = i = 0
+    while i < len(layout):
+        name, spec = layout[i]
+        i += 1
         if name is None:  # a UI-only value: skip it when present (older saves may lack a control value)
-            if pos < len(values) and (spec != "fixed" or values[pos] in schema.CONTROL_VALUES):
+            if not by_name and pos < len(values) and (spec != "fixed" or values[pos] in schema.CONTROL_VALUES):
                 pos += 1
             continue
-        out[name] = values[pos] if pos < len(values) else schema.default_value(spec)
-        pos += 1
+        if by_name:
+            out[name] = values.get(name, schema.default_value(spec))
+        else:
+            out[name] = values[pos] if pos < len(values) else schema.default_value(spec)
+            pos += 1
+        if dynamic_inputs.is_dynamic_combo(spec):  # the selected option's widgets follow the combo's value
+            layout[i:i] = dynamic_inputs.option_layout(name, spec, out[name])
     return out
 
 
@@ -174,10 +177,12 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
     Muted nodes are dropped, bypassed nodes pass their input of the output's type through, ``Reroute`` is followed,
     a ``PrimitiveNode``'s value goes into the input it feeds, notes are dropped. Widget values fill the inputs in
-    schema order (skipping the "control after generate" values); a linked input takes the link. Dynamic-prompt
-    syntax (``{a|b}``) is left as written. Checked against the frontend 1.32.9's own export on ComfyUI's bundled
-    templates and on ``tests/core/fixtures/frontend_workflow.json``. Raises :class:`UnknownNodeTypes` for node classes missing from
-    ``object_info`` and :class:`WorkflowError` for subgraphs.
+    schema order (skipping the "control after generate" values); a linked input takes the link. V3 dynamic inputs
+    (ComfyUI 0.33) are expanded as the front end does (:mod:`flowgrpo.dynamic_inputs`). Dynamic-prompt syntax
+    (``{a|b}``) is left as written. Checked against the frontend 1.32.9's own export on ComfyUI's bundled templates
+    and on ``tests/core/fixtures/frontend_workflow.json``, and 1.49.6's on ComfyUI 0.33's templates with dynamic
+    inputs. Raises :class:`UnknownNodeTypes` for node classes missing from ``object_info`` and
+    :class:`WorkflowError` for subgraphs.
     """
     if not is_ui_format(ui):
         raise WorkflowError("not a UI workflow (no 'nodes' and 'links' lists)")
@@ -223,7 +228,7 @@ def _literal_problem(name: str, value: Any, spec: Any) -> Optional[str]:
         value = value["__value__"]
     kind, opts = schema.spec_type(spec), schema.spec_options(spec)
     choices = schema.combo_options(spec)
-    if choices is not None and kind == "COMBO":
+    if choices is not None and kind in ("COMBO", schema.DYNAMIC_COMBO):
         if value not in choices:
             shown = ", ".join(map(repr, choices[:12])) + (", ..." if len(choices) > 12 else "")
             return f"input '{name}': {value!r} is not one of the choices [{shown}]" if choices else \
@@ -261,7 +266,8 @@ def validate_api(api: dict, object_info: dict) -> list[str]:
         if info is None:
             continue
         label, inputs = _label(node_id, node), node.get("inputs") or {}
-        specs = {name: (spec, section) for name, spec, section in schema.input_specs(info)}
+        specs = {name: (spec, section)
+                 for name, spec, section in dynamic_inputs.expand(schema.input_specs(info), inputs)}
         for name, (spec, section) in specs.items():
             if name not in inputs:
                 if section == "required":
@@ -293,7 +299,7 @@ def _link_problem(api: dict, object_info: dict, name: str, link: list, input_typ
     info = object_info.get(src["class_type"])
     if info is None:
         return None  # reported as an unknown class
-    outs = schema.output_types(info)
+    outs = dynamic_inputs.output_types(info)
     if not 0 <= slot < len(outs):
         return f"input '{name}' is linked to output {slot} of {_label(src_id, src)}, which has {len(outs)} outputs"
     if not schema.types_match(outs[slot], input_type):
