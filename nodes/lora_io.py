@@ -7,8 +7,15 @@ Files live in the first ``loras`` folder (``folder_paths.get_folder_paths("loras
 * ``<same stem>.flowgrpo-state``: its training state (safetensors inside, ``flowgrpo_core.checkpoint``): optimizer,
   iteration, history, settings, and in ``extra`` the live LoRA values (``live_lora``), the EMA (``ema``), the global
   random states (``rng``, :mod:`flowgrpo_core.rng`) and the run's settings (``trainer_extra.run_config``). ComfyUI
-  does not list this extension as a LoRA. Written last, so its presence means the pair is complete; only pairs can
-  be resumed. With EMA on, the LoRA file holds the averaged weights and the live ones travel in the state.
+  does not list this extension as a LoRA. The files of one checkpoint are written as a group (every file complete on
+  disk before the first rename, the state renamed last), so its presence means the pair is complete; only pairs can
+  be resumed. The state records the LoRA file's SHA-256 (``lora_sha256``) and its own tensors' checksum: resuming a
+  pair that does not match them is refused, naming the newest intact checkpoint of the run. With EMA on, the LoRA
+  file holds the averaged weights and the live ones travel in the state.
+
+A run owns its name: a new run (resume "none", or "latest" with nothing to resume) on a ``run_name`` that already has
+checkpoints or a log folder is written as ``<run_name>-2`` (then ``-3``, ...), and says so, so no run's files are
+replaced or mixed with another's.
 * ``<same stem>.peft.safetensors`` (export "peft"): the same LoRA in PEFT / diffusers keys
   ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, built from the keys ComfyUI's own
   loader accepts (``comfy.lora.model_lora_keys_unet``: ``comfy.utils.mmdit_to_diffusers`` for SD3,
@@ -20,6 +27,8 @@ Files live in the first ``loras`` folder (``folder_paths.get_folder_paths("loras
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import logging
 import os
 import re
@@ -31,9 +40,10 @@ import torch
 from ..flowgrpo_core.checkpoint import (
     CheckpointError,
     TrainingStateFile,
-    atomic_save_safetensors,
+    atomic_write_files,
     load_training_state,
     peft_from_comfy,
+    safetensors_bytes,
     training_state_payload,
 )
 from ..flowgrpo_core.ema import LoraEMA
@@ -44,7 +54,7 @@ from .state import CHECKPOINT_EVENT, LoraSettings, TrainerState, emit, node_erro
 
 __all__ = [
     "INIT_NODE", "SAVE_NODE", "APPLY_NODE", "STATE_SUFFIX", "PEFT_SUFFIX", "PEFT_PREFIX",
-    "loras_root", "state_path_for", "resume_options", "find_latest_checkpoint",
+    "loras_root", "run_folder", "state_path_for", "resume_options", "find_latest_checkpoint", "new_run_name",
     "make_trainer_state", "save_checkpoint", "lora_state_dict", "live_state_dict", "trainable_params", "peft_key_map", "peft_state_dict", "apply_lora",
 ]
 
@@ -119,13 +129,59 @@ def resume_options() -> list[str]:
     return ["none", "latest", *names]
 
 
+def _iteration_of(name: str, run_name: str) -> Optional[int]:
+    """The iteration in a checkpoint name ``<run_name>_<digits>.safetensors`` of this run, else None."""
+    found = re.fullmatch(re.escape(run_name) + r"_(\d+)" + re.escape(LORA_SUFFIX), name)
+    return int(found.group(1)) if found else None
+
+
+def _run_checkpoints(run_name: str) -> list[tuple[int, str, Path]]:
+    """``(iteration, name, lora_path)`` of the run's resumable checkpoints, highest iteration first."""
+    own = [(_iteration_of(name, run_name), name, path) for name, path in _checkpoints()]
+    return sorted(((it, name, path) for it, name, path in own if it is not None), reverse=True)
+
+
 def find_latest_checkpoint(run_name: str) -> Optional[Path]:
-    """The most recently written resumable checkpoint of the run: ``<run_name>_<digits>`` (the names
-    :func:`save_checkpoint` gives), so ``flowgrpo`` never picks up ``flowgrpo_big_00010``."""
-    own = re.compile(re.escape(run_name) + r"_\d+")
-    candidates = [(state_path_for(p).stat().st_mtime_ns, name, p) for name, p in _checkpoints()
-                  if own.fullmatch(name[: -len(LORA_SUFFIX)])]
-    return max(candidates)[2] if candidates else None
+    """The run's resumable checkpoint of the highest iteration: ``<run_name>_<digits>`` (the names
+    :func:`save_checkpoint` gives), so ``flowgrpo`` never picks up ``flowgrpo_big_00010`` or ``flowgrpo-2_00010``."""
+    found = _run_checkpoints(run_name)
+    return found[0][2] if found else None
+
+
+def run_folder(run_name: str) -> Path:
+    """``<output>/flowgrpo/<run_name>``: the run's logs and images."""
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / "flowgrpo" / run_name
+
+
+def _run_files(run_name: str) -> list[Path]:
+    """Files that belong to ``run_name``: its checkpoint files (any iteration, with or without their partner) in
+    the loras folder, and its log folder when it holds anything."""
+    parts = run_name.split("/")
+    folder = loras_root().joinpath(*parts[:-1])
+    own = re.compile(re.escape(parts[-1]) + r"_\d+(" + "|".join(map(re.escape, (PEFT_SUFFIX, LORA_SUFFIX, STATE_SUFFIX)))
+                     + ")")
+    files = sorted(p for p in folder.iterdir() if own.fullmatch(p.name)) if folder.is_dir() else []
+    logs = run_folder(run_name)
+    if logs.is_dir() and any(logs.iterdir()):
+        files.append(logs)
+    return files
+
+
+def new_run_name(run_name: str, node: str) -> str:
+    """``run_name`` when no run has used it, else the first free ``<run_name>-<n>`` (n = 2, 3, ...); says so."""
+    taken = _run_files(run_name)
+    if not taken:
+        return run_name
+    n = 2
+    while _run_files(f"{run_name}-{n}"):
+        n += 1
+    fresh = f"{run_name}-{n}"
+    shown = ", ".join(p.name for p in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+    log.warning("%s: run_name %r already has files (%s); this new run is %r, so they are kept. To continue that "
+                "run, set resume to 'latest'; to reuse the name, move its files away.", node, run_name, shown, fresh)
+    return fresh
 
 
 # ----------------------------------------------------------------------------------------------- LoRA values
@@ -220,12 +276,54 @@ def _resume_file(resume: str, run_name: str, node: str) -> Optional[Path]:
                      "pick one from the resume list (refresh the page after saving), 'latest' or 'none'")
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(lora_file: Path) -> TrainingStateFile:
+    """The checkpoint's training state after checking the pair: the state readable and matching its checksum, the
+    LoRA file matching the SHA-256 the state recorded (states written before that record skip this check).
+    Raises FileNotFoundError or :class:`CheckpointError`."""
+    saved = load_training_state(state_path_for(lora_file))
+    recorded = saved.extra.get("lora_sha256")
+    if recorded is not None:
+        if not lora_file.is_file():
+            raise CheckpointError(f"the LoRA file {lora_file} of this checkpoint is missing")
+        if _file_sha256(lora_file) != recorded:
+            raise CheckpointError(f"{lora_file} is damaged: it is not the LoRA file its training state was saved "
+                                  "with (the SHA-256 differs)")
+    return saved
+
+
+def _newest_intact(lora_file: Path) -> Optional[str]:
+    """The name of the newest checkpoint of the same run as ``lora_file`` (older iterations) that passes
+    :func:`verify_checkpoint`, or None."""
+    name = lora_file.relative_to(loras_root()).as_posix()
+    run = re.fullmatch(r"(.+)_\d+" + re.escape(LORA_SUFFIX), name)
+    for _, other, path in _run_checkpoints(run.group(1)) if run else []:
+        if other == name:
+            continue
+        try:
+            verify_checkpoint(path)
+        except (OSError, CheckpointError):
+            continue
+        return other
+    return None
+
+
 def _read_checkpoint(lora_file: Path, wanted: dict, node: str) -> TrainingStateFile:
     try:
-        saved = load_training_state(state_path_for(lora_file))
+        saved = verify_checkpoint(lora_file)
     except (FileNotFoundError, CheckpointError) as exc:
+        intact = _newest_intact(lora_file)
+        fix = (f"set resume to {intact!r}, the newest intact checkpoint of this run, to continue from there; or "
+               if intact else "no other checkpoint of this run is intact: pick another from the resume list, or ")
         raise node_error(node, f"cannot resume from {lora_file.name}: {exc}",
-                         "pick another checkpoint from the resume list, or 'none' to start a new run") from exc
+                         fix + "'none' to start a new run") from exc
     differ = [k for k in _RESUME_KEYS if saved.settings.get(k) != wanted[k]]
     if differ:
         have = ", ".join(f"{k}={saved.settings.get(k)!r}" for k in differ)
@@ -321,6 +419,8 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
                             learning_rate=float(learning_rate), family=family)
     lora_file = _resume_file(resume, run_name, node)
     saved = _read_checkpoint(lora_file, dataclasses.asdict(settings), node) if lora_file is not None else None
+    if saved is None:
+        run_name = new_run_name(run_name, node)
 
     with torch.inference_mode(False):
         patcher, params = attach_trainable_lora(model, settings.rank, settings.alpha, targets, settings.seed)
@@ -346,8 +446,10 @@ def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = Non
     """Write ``<loras>/<prefix>_<iteration:05d>.safetensors`` and its training state; returns both paths.
 
     ``filename_prefix``: None or "" = ``state.run_name``; may name a sub-folder. ``export`` "peft" also writes
-    ``<stem>.peft.safetensors``. Every payload is built before the first write and every write is atomic; an older
-    training state of the same name is removed first, so a sidecar always belongs to the LoRA next to it.
+    ``<stem>.peft.safetensors``. Every payload is built in memory first, then the files are written as one group
+    (:func:`~flowgrpo_core.checkpoint.atomic_write_files`, the state last): a failed write (full disk, read-only
+    folder) leaves no file of this checkpoint and the previous ones as they were, and becomes a node error naming the
+    folder, the cause and the fix. ``state`` itself is not changed, so the save can be tried again.
     """
     if export not in EXPORTS:
         raise node_error(node, f"unknown export {export!r}", f"choose one of {list(EXPORTS)}")
@@ -356,38 +458,52 @@ def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = Non
     lora_path = root.joinpath(*prefix.split("/")[:-1]) / f"{prefix.split('/')[-1]}_{state.iteration:05d}{LORA_SUFFIX}"
     state_path = state_path_for(lora_path)
 
-    lora = lora_state_dict(state)
-    peft = peft_state_dict(state, node) if export == "peft" else None
-    trainable = list(trainable_params(state))
     s = state.settings
+    lora_meta = {"format": "pt", "flowgrpo.family": s.family, "flowgrpo.rank": str(s.rank),
+                 "flowgrpo.alpha": repr(s.alpha), "flowgrpo.targets": s.targets,
+                 "flowgrpo.iteration": str(state.iteration), "flowgrpo.run_name": state.run_name,
+                 "flowgrpo.weights": "ema" if state.ema is not None else "live"}
+    lora_bytes = safetensors_bytes(lora_state_dict(state), lora_meta)
+    peft = peft_state_dict(state, node) if export == "peft" else None
     try:
         tensors, metadata = training_state_payload(
             state.optimizer, iteration=state.iteration, history=[dict(h) for h in state.history],
             settings=dataclasses.asdict(s),
-            extra={"run_name": state.run_name, "lora_file": lora_path.name, "trainable_keys": trainable,
-                   "trainer_extra": dict(state.extra), "live_lora": live_state_dict(state),
+            extra={"run_name": state.run_name, "lora_file": lora_path.name,
+                   "lora_sha256": hashlib.sha256(lora_bytes).hexdigest(),
+                   "trainable_keys": list(trainable_params(state)), "trainer_extra": dict(state.extra),
+                   "live_lora": live_state_dict(state),
                    "ema": state.ema.state_dict() if state.ema is not None else None,
                    "rng": capture_rng_state()})
     except TypeError as exc:
         raise node_error(node, f"the trainer holds a value that cannot be saved ({exc})",
                          "keep only tensors, numbers, strings and lists/dicts of them in the trainer's history "
                          "and extra") from exc
-    lora_meta = {"format": "pt", "flowgrpo.family": s.family, "flowgrpo.rank": str(s.rank),
-                 "flowgrpo.alpha": repr(s.alpha), "flowgrpo.targets": s.targets,
-                 "flowgrpo.iteration": str(state.iteration), "flowgrpo.run_name": state.run_name,
-                 "flowgrpo.weights": "ema" if state.ema is not None else "live"}
-
-    lora_path.parent.mkdir(parents=True, exist_ok=True)
-    state_path.unlink(missing_ok=True)
-    atomic_save_safetensors(lora, lora_path, lora_meta)
+    files = [(lora_path, lora_bytes)]
     event = {"node": node, "iteration": state.iteration, "lora_path": str(lora_path), "state_path": str(state_path)}
     if peft is not None:
-        peft_path = atomic_save_safetensors(peft, _peft_path_for(lora_path), {**lora_meta, "flowgrpo.keys": "peft"})
-        event["peft_path"] = str(peft_path)
-    atomic_save_safetensors(tensors, state_path, metadata)
+        files.append((_peft_path_for(lora_path), safetensors_bytes(peft, {**lora_meta, "flowgrpo.keys": "peft"})))
+        event["peft_path"] = str(files[-1][0])
+    files.append((state_path, safetensors_bytes(tensors, metadata)))  # last: its presence marks the pair complete
+    try:
+        lora_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_files(files)
+    except OSError as exc:
+        previous = next((name for it, name, _ in _run_checkpoints(prefix) if it != state.iteration), None)
+        raise node_error(node, f"could not write checkpoint {lora_path.name} into {lora_path.parent} "
+                               f"({exc.strerror or exc}); nothing of it was written, and the previous checkpoint "
+                               f"({previous or 'none yet'}) is kept", _save_fix(exc)) from exc
     emit(CHECKPOINT_EVENT, event)
     log.info("%s: saved %s (iteration %d)", node, lora_path, state.iteration)
     return str(lora_path), str(state_path)
+
+
+def _save_fix(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return "free space on that disk (or point ComfyUI's loras folder to another disk) and run again"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make the folder writable, or point ComfyUI's loras folder (extra_model_paths.yaml) to a writable one"
+    return "check that the folder exists and can be written, then run again"
 
 
 # ----------------------------------------------------------------------------------------------- apply

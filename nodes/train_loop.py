@@ -38,7 +38,7 @@ from .prompt_nodes import EncodingCache, encode_prompt_batch, encode_texts
 from .reward_model_nodes import score_images
 from .reward_nodes import compute_simple_reward, images_as_batch
 from .rollout_nodes import SamplingSettings, make_sigmas, run_rollout
-from .state import METRICS_EVENT, PromptBatch, Rewards, TrainerState, emit
+from .state import METRICS_EVENT, NodeInputError, PromptBatch, Rewards, TrainerState, emit
 from .update_nodes import UpdateSettings, grpo_update
 
 __all__ = ["TrainJob", "train", "run_folder", "curve_file", "EVAL_PROMPTS", "open_metrics_log", "evaluate", "eval_images",
@@ -90,11 +90,7 @@ class TrainJob:
                 "num_prompts": len(self.prompts), "eval_steps": self.eval_steps, "eval_every": self.eval_every}
 
 
-def run_folder(run_name: str) -> Path:
-    """``<output>/flowgrpo/<run_name>``: the run's logs and images."""
-    import folder_paths
-
-    return Path(folder_paths.get_output_directory()) / "flowgrpo" / run_name
+run_folder = lora_io.run_folder  # ``<output>/flowgrpo/<run_name>``: the run's logs and images
 
 
 def curve_file(run_name: str) -> tuple[Path, str]:
@@ -194,8 +190,17 @@ def _check_resumed_config(state: TrainerState, job: TrainJob) -> None:
                     "no longer the run the checkpoint came from", job.node, state.run_name, ", ".join(changed))
 
 
-def _save(state: TrainerState, job: TrainJob) -> TrainerState:
-    state = state.with_checkpoint(lora_io.save_checkpoint(state, node=job.node)[0])
+def _save(state: TrainerState, job: TrainJob, final: bool = True) -> TrainerState:
+    """``state`` with a checkpoint of its iteration written. A periodic save (``final=False``) that fails is logged
+    and the run goes on (the next save, the last one or the one after an interrupt, tries again); a final one that
+    fails raises its node error."""
+    try:
+        state = state.with_checkpoint(lora_io.save_checkpoint(state, node=job.node)[0])
+    except NodeInputError as e:
+        if final:
+            raise
+        log.warning("%s; training goes on, and the next checkpoint tries again", e)
+        return state
     previews.save_png_atomic(previews.metric_curves(state.history), run_folder(state.run_name) / "curves.png")
     return state
 
@@ -233,7 +238,7 @@ def train(state: TrainerState, job: TrainJob, progress: Any = None) -> tuple[Tra
                 metrics_log.log(it, metrics)
                 _report(state, metrics, job, grid, progress)
                 if _due(job.save_every, it) and it < job.iterations:
-                    state = _save(state, job)
+                    state = _save(state, job, final=False)
         except BaseException as e:
             if state.iteration > start and state.saved_iteration != state.iteration:
                 state = _save(state, job)

@@ -48,6 +48,21 @@ def test_readme_main_job_trains_and_the_reward_rises(tmp_path):
     assert Path(lora.group(1)).name == "flowgrpo_tiny_demo_00020.safetensors" and Path(lora.group(1)).is_file()
     assert Path(curve.group(1)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # run twice in a row: the second run succeeds under its own name, and the first run's files stay as they were
+    home = tmp_path / "home"
+    first = {p: p.read_bytes() for p in sorted(home.rglob("*flowgrpo_tiny_demo*"))
+             + sorted((home / "output" / "flowgrpo" / "flowgrpo_tiny_demo").rglob("*")) if p.is_file()}
+    assert any(p.name == "metrics.jsonl" for p in first) and any(p.suffix == ".flowgrpo-state" for p in first)
+    again = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--home", str(home),
+                            "--set", 'Training preset.overrides="iterations = 2"'],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, f"exit {again.returncode}\n{again.stdout[-4000:]}\n{again.stderr[-4000:]}"
+    second = re.search(r"^LoRA: (.+\.safetensors)$", again.stdout, re.M)
+    assert second and Path(second.group(1)).name == "flowgrpo_tiny_demo-2_00002.safetensors", again.stdout[-2000:]
+    assert (home / "output" / "flowgrpo" / "flowgrpo_tiny_demo-2" / "metrics.jsonl").is_file()
+    changed = [str(p) for p, data in first.items() if not p.is_file() or p.read_bytes() != data]
+    assert not changed, f"the second run changed the first run's files: {changed}"
+
 
 def checkpoints(loras: Path, run_name: str) -> dict[int, Path]:
     """``{iteration: LoRA file}`` of a run's checkpoints (``<run>_<iteration:05d>.safetensors``)."""
