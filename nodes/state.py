@@ -45,7 +45,13 @@ LOOP = "FLOWGRPO_LOOP"
 
 
 class NodeInputError(ValueError):
-    """A bad input, with the node's display name and the fix in the message."""
+    """A bad input, with the node's display name and the fix in the message.
+
+    ComfyUI shows an error as ``<module>.<class>: <message>``; the class declares itself a builtin so that the user
+    reads ``NodeInputError: FlowGRPO ...: <problem>. Fix: <fix>``, not the pack's module path."""
+
+
+NodeInputError.__module__ = "builtins"  # see the docstring: no module path before the sentence a user reads
 
 
 def node_error(node: str, problem: str, fix: str) -> NodeInputError:

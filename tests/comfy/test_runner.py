@@ -210,6 +210,8 @@ def test_a_node_failing_at_execution_is_named(server, demo_model_files, tmp_path
     assert out.returncode == 1
     assert f"node {run.node_id} (SamplerCustomAdvanced) failed" in out.stderr
     assert "flow-matching model" in out.stderr
+    # a sentence for a person: the error's type without the pack's module path
+    assert "NodeInputError: FlowGRPO SDE Sampler" in out.stderr and ".nodes.state" not in out.stderr, out.stderr
 
 
 def _start_long_run(server, prefix: str) -> subprocess.Popen:
