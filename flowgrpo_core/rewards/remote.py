@@ -6,7 +6,9 @@ Wire protocol (JSON only, never pickle: unpickling runs code, and server URLs tr
   -> ``{"scores": [float], "details": {name: [per-sample JSON value]}}``;
 * ``GET /health`` -> ``{"status": "ok", "backend": name}``;
 * optional API key in the ``X-API-Key`` header (401 when it does not match);
-* errors: ``{"error": message}`` with 400 (bad request), 401 (API key), 413 (body too large), 500 (backend failure).
+* errors: ``{"error": message}`` with 400 (bad request), 401 (API key), 408 (the request did not arrive within the
+  server's read timeout), 413 (over a limit: the answer also names it, ``"limit"``, with the request's ``"value"`` and
+  the ``"max"``), 500 (backend failure), 503 (the server is busy; ``Retry-After`` says when to retry).
 
 Images travel as 8-bit RGB PNG, ``round(x * 255)`` of the first three channels, so a remote score equals the local
 score of the 1/255-quantised image. The client only touches the network inside :meth:`RemoteReward.score`.
@@ -29,6 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .base import RewardBackend, RewardResult
+from .images import ImageLimits, decode_png_batch
 
 __all__ = ["RemoteRewardError", "RemoteReward", "encode_images", "decode_images", "API_KEY_HEADER"]
 
@@ -55,39 +58,29 @@ def encode_images(images: torch.Tensor) -> list[str]:
     return encoded
 
 
-def decode_images(encoded: Sequence[str]) -> torch.Tensor:
+def decode_images(encoded: Sequence[str], limits: ImageLimits = ImageLimits()) -> torch.Tensor:
     """``B`` base64 PNG strings (all the same size) -> ``[B, H, W, 3]`` float32 in ``[0, 1]`` (``value / 255``).
-    ValueError on anything that is not a decodable PNG or on mixed sizes."""
-    from PIL import Image
-
-    frames = []
-    for i, text in enumerate(encoded):
-        if not isinstance(text, str):
-            raise ValueError(f"images[{i}] is not a base64 string")
-        try:
-            with Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"]) as image:
-                rgb = image.convert("RGB")
-        except Exception as e:  # binascii.Error, PIL.UnidentifiedImageError, truncated data, ...
-            raise ValueError(f"images[{i}] is not a base64-encoded PNG ({type(e).__name__}: {e})") from None
-        frame = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
-        if frames and frame.shape != frames[0].shape:
-            raise ValueError(f"images[{i}] is {rgb.width}x{rgb.height} but images[0] is "
-                             f"{frames[0].shape[1]}x{frames[0].shape[0]}; send one size per request")
-        frames.append(frame)
-    if not frames:
-        raise ValueError("no images to decode")
-    return torch.stack(frames).float() / 255.0
+    ValueError on anything that is not a decodable PNG or on mixed sizes, :class:`.images.ImageTooLarge` over
+    ``limits`` (checked from the PNG headers before decoding; see :func:`.images.decode_png_batch`, which the server
+    uses to keep the batch as uint8)."""
+    return decode_png_batch(encoded, limits).float().div_(255.0)
 
 
 class _Retryable(Exception):
-    """A failure worth another attempt (connection error or HTTP 5xx); ``args[0]`` is the final message."""
+    """A failure worth another attempt (connection error or HTTP 5xx); ``args[0]`` is the final message, ``args[1]``
+    the fix, ``retry_after`` the seconds the server asked to wait (503), else 0."""
+
+    def __init__(self, message: str, fix: str, retry_after: float = 0.0):
+        super().__init__(message, fix)
+        self.retry_after = retry_after
 
 
 class RemoteReward(RewardBackend):
     """Scores images with a reward server (``POST {url}/score``), in requests of at most ``batch_size`` images.
 
     ``timeout``: seconds per request; ``retries``: extra attempts after a connection error or an HTTP 5xx, waiting
-    ``backoff * 2**attempt`` seconds (at most 10 s) in between (timeouts and 4xx answers are not retried);
+    ``backoff * 2**attempt`` seconds (at least what a 503's ``Retry-After`` asks; at most 10 s) in between (timeouts
+    and 4xx answers are not retried);
     ``api_key``: sent as ``X-API-Key``.
     """
 
@@ -168,7 +161,8 @@ class RemoteReward(RewardBackend):
                 if attempt >= self.retries:
                     raise self._fail(f"{e.args[0]} (after {attempt + 1} attempt{'s' * bool(attempt)})",
                                      e.args[1]) from None
-            time.sleep(min(10.0, self.backoff * 2 ** attempt))
+                wait = max(self.backoff * 2 ** attempt, e.retry_after)
+            time.sleep(min(10.0, wait))
             attempt += 1
 
     def _send(self, request: urllib.request.Request) -> bytes:
@@ -177,6 +171,10 @@ class RemoteReward(RewardBackend):
                 return response.read()
         except urllib.error.HTTPError as e:
             status, text = e.code, _error_text(e)
+            if status == 503:
+                raise _Retryable(f"HTTP 503, the server is busy ({text})",
+                                 "Raise retries, or start the server with a higher --max-concurrent.",
+                                 _retry_after(e)) from None
             if status >= 500:
                 raise _Retryable(f"HTTP {status}, the reward backend failed: {text}",
                                  "See the reward server's log; fix the backend or its input.") from None
@@ -185,7 +183,13 @@ class RemoteReward(RewardBackend):
                                  f"Set api_key to the key the server was started with (sent as {API_KEY_HEADER}).")
             if status == 413:
                 raise self._fail(f"HTTP 413, the request is too large ({text})",
-                                 "Lower batch_size so each request carries fewer images.")
+                                 "Generate smaller images, or raise the server's limit that the message names."
+                                 if "--max-image-pixels" in text else
+                                 "Lower batch_size so each request carries fewer images, or raise the server's "
+                                 "limit that the message names.")
+            if status == 408:
+                raise self._fail(f"HTTP 408, the request did not reach the server in time ({text})",
+                                 "Check the network, lower batch_size, or raise the server's --read-timeout.")
             raise self._fail(f"HTTP {status}: {text}",
                              "Check the URL and that client and server speak the same protocol.")
         except (TimeoutError, socket.timeout) as e:
@@ -228,6 +232,14 @@ class RemoteReward(RewardBackend):
 
 _START_SERVER = ("Start the server (python -m flowgrpo_core.rewards serve --backend NAME --port PORT) "
                  "or fix the URL.")
+
+
+def _retry_after(error: urllib.error.HTTPError) -> float:
+    """The seconds of a ``Retry-After`` header (0 when absent or a date)."""
+    try:
+        return max(0.0, float(error.headers.get("Retry-After", "0")))
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
 
 
 def _error_text(error: urllib.error.HTTPError) -> str:
