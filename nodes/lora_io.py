@@ -1,37 +1,16 @@
 """ComfyUI glue for the trainable LoRA: start or resume a run, save checkpoints, apply the LoRA to a MODEL.
 
-Files live in the first ``loras`` folder (``folder_paths.get_folder_paths("loras")[0]``, i.e. ``models/loras``):
-
-* ``<prefix>_<iteration:05d>.safetensors``: the LoRA, ComfyUI-native keys ``diffusion_model.<path>.lora_up.weight``
-  / ``.lora_down.weight`` / ``.alpha`` in fp32, nothing else; stock ``LoraLoaderModelOnly`` lists and loads it.
-* ``<same stem>.flowgrpo-state``: its training state (safetensors inside, ``flowgrpo_core.checkpoint``): optimizer,
-  iteration, history, settings, and in ``extra`` the live LoRA values (``live_lora``), the EMA (``ema``), the global
-  random states (``rng``, :mod:`flowgrpo_core.rng`) and the run's settings (``trainer_extra.run_config``). ComfyUI
-  does not list this extension as a LoRA. The files of one checkpoint are written as a group (every file complete on
-  disk before the first rename, the state renamed last), so its presence means the pair is complete; only pairs can
-  be resumed. The state records the LoRA file's SHA-256 (``lora_sha256``) and its own tensors' checksum: resuming a
-  pair that does not match them is refused, naming the newest intact checkpoint of the run. With EMA on, the LoRA
-  file holds the averaged weights and the live ones travel in the state.
-
-A run owns its name: a new run (resume "none", or "latest" with nothing to resume) on a ``run_name`` that already has
-checkpoints or a log folder is written as ``<run_name>-2`` (then ``-3``, ...), and says so, so no run's files are
-replaced or mixed with another's.
-* ``<same stem>.peft.safetensors`` (export "peft"): the same LoRA in PEFT / diffusers keys
-  ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, built from the keys ComfyUI's own
-  loader accepts (``comfy.lora.model_lora_keys_unet``: ``comfy.utils.mmdit_to_diffusers`` for SD3,
-  ``flux_to_diffusers`` for FLUX, the module names themselves for Qwen-Image); fused ``qkv`` / ``linear1`` are split
-  by rows. The scale alpha / rank is folded into ``lora_B`` and ``.alpha`` = rank, so loaders that ignore ``.alpha``
-  (and then assume ``lora_alpha = r``) apply the same update as ComfyUI and diffusers' FLUX loader, which read it.
+Where checkpoint files live, what they hold, how runs are named and how a checkpoint is verified before it is
+resumed: :mod:`.run_files`. This module builds the trainer state, restores it from a verified checkpoint, writes a
+checkpoint (LoRA, optional PEFT export, training state) as one group of files, and applies a LoRA through ComfyUI's
+stock path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import logging
-import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +20,6 @@ from ..flowgrpo_core.checkpoint import (
     CheckpointError,
     TrainingStateFile,
     atomic_write_files,
-    load_training_state,
     peft_from_comfy,
     safetensors_bytes,
     training_state_payload,
@@ -50,12 +28,17 @@ from ..flowgrpo_core.ema import LoraEMA
 from ..flowgrpo_core.rng import capture_rng_state, restore_rng_state
 from .comfy_policy import LORA_TARGETS, attach_trainable_lora, model_family
 from .model_adapter import require_flow_model
+from .run_files import (LORA_SUFFIX, checkpoints, PEFT_SUFFIX, STATE_SUFFIX, find_latest_checkpoint, loras_root, new_run_name,
+                        newest_intact, peft_path_for, resume_options, run_checkpoints, run_folder, safe_prefix,
+                        save_fix, state_path_for, verify_checkpoint)
 from .state import CHECKPOINT_EVENT, LoraSettings, TrainerState, emit, node_error
 
 __all__ = [
-    "INIT_NODE", "SAVE_NODE", "APPLY_NODE", "STATE_SUFFIX", "PEFT_SUFFIX", "PEFT_PREFIX",
-    "loras_root", "run_folder", "state_path_for", "resume_options", "find_latest_checkpoint", "new_run_name",
-    "make_trainer_state", "save_checkpoint", "lora_state_dict", "live_state_dict", "trainable_params", "peft_key_map", "peft_state_dict", "apply_lora",
+    "INIT_NODE", "SAVE_NODE", "APPLY_NODE", "PEFT_PREFIX", "make_trainer_state", "save_checkpoint", "lora_state_dict",
+    "live_state_dict", "trainable_params", "peft_key_map", "peft_state_dict", "apply_lora",
+    # re-exported from .run_files for the nodes and tests that reach them through this module
+    "STATE_SUFFIX", "PEFT_SUFFIX", "loras_root", "run_folder", "state_path_for", "resume_options",
+    "find_latest_checkpoint", "new_run_name", "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,124 +47,11 @@ INIT_NODE = "FlowGRPO LoRA Init"
 SAVE_NODE = "FlowGRPO Save LoRA"
 APPLY_NODE = "FlowGRPO Apply Trained LoRA"
 
-LORA_SUFFIX = ".safetensors"
-STATE_SUFFIX = ".flowgrpo-state"
-PEFT_SUFFIX = ".peft.safetensors"
 PEFT_PREFIX = "transformer."
 EXPORTS = ("comfyui", "peft")
 _TRAINABLE = (".lora_up.weight", ".lora_down.weight")
-_BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*]')
 #: settings a checkpoint must share with the requested LoRA to be resumed
 _RESUME_KEYS = ("family", "rank", "alpha", "targets")
-
-
-# ----------------------------------------------------------------------------------------------- files
-def loras_root() -> Path:
-    """The first ``loras`` folder (where checkpoints are written and looked for)."""
-    import folder_paths
-
-    return Path(folder_paths.get_folder_paths("loras")[0])
-
-
-def state_path_for(lora_path: os.PathLike | str) -> Path:
-    """``<stem>.flowgrpo-state`` next to ``<stem>.safetensors``."""
-    lora_path = Path(lora_path)
-    return lora_path.with_name(lora_path.name[: -len(LORA_SUFFIX)] + STATE_SUFFIX)
-
-
-def _peft_path_for(lora_path: Path) -> Path:
-    return lora_path.with_name(lora_path.name[: -len(LORA_SUFFIX)] + PEFT_SUFFIX)
-
-
-def _safe_prefix(prefix: str, node: str, what: str) -> str:
-    """``prefix`` as a relative ``a/b/name`` inside the loras folder; node_error for traversal or odd characters."""
-    text = str(prefix).strip().replace("\\", "/")
-    fix = ("use a plain name such as 'flowgrpo' or 'runs/flowgrpo' (a sub-folder of the loras folder): no '..', "
-           "no leading '/', no drive letter, none of <>:\"|?*")
-    if not text:
-        raise node_error(node, f"{what} is empty", fix)
-    parts = text.split("/")
-    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or any(p in ("", ".", "..") for p in parts) \
-            or _BAD_CHARS.search(text):
-        raise node_error(node, f"{what} {prefix!r} is not a file name inside the loras folder", fix)
-    return "/".join(parts)
-
-
-def _checkpoints() -> list[tuple[str, Path]]:
-    """``(name, lora_path)`` of every LoRA in the first loras folder with a training-state sidecar; name relative."""
-    root = loras_root()
-    found = []
-    for folder, _, files in os.walk(root, followlinks=True):
-        for f in files:
-            if f.endswith(LORA_SUFFIX) and not f.endswith(PEFT_SUFFIX):
-                path = Path(folder) / f
-                if state_path_for(path).is_file():
-                    found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found)
-
-
-def resume_options() -> list[str]:
-    """``["none", "latest", *names]``: names are LoRA files in the first loras folder that can be resumed."""
-    try:
-        names = [name for name, _ in _checkpoints()]
-    except (OSError, IndexError, KeyError):  # no loras folder configured: nothing to resume
-        names = []
-    return ["none", "latest", *names]
-
-
-def _iteration_of(name: str, run_name: str) -> Optional[int]:
-    """The iteration in a checkpoint name ``<run_name>_<digits>.safetensors`` of this run, else None."""
-    found = re.fullmatch(re.escape(run_name) + r"_(\d+)" + re.escape(LORA_SUFFIX), name)
-    return int(found.group(1)) if found else None
-
-
-def _run_checkpoints(run_name: str) -> list[tuple[int, str, Path]]:
-    """``(iteration, name, lora_path)`` of the run's resumable checkpoints, highest iteration first."""
-    own = [(_iteration_of(name, run_name), name, path) for name, path in _checkpoints()]
-    return sorted(((it, name, path) for it, name, path in own if it is not None), reverse=True)
-
-
-def find_latest_checkpoint(run_name: str) -> Optional[Path]:
-    """The run's resumable checkpoint of the highest iteration: ``<run_name>_<digits>`` (the names
-    :func:`save_checkpoint` gives), so ``flowgrpo`` never picks up ``flowgrpo_big_00010`` or ``flowgrpo-2_00010``."""
-    found = _run_checkpoints(run_name)
-    return found[0][2] if found else None
-
-
-def run_folder(run_name: str) -> Path:
-    """``<output>/flowgrpo/<run_name>``: the run's logs and images."""
-    import folder_paths
-
-    return Path(folder_paths.get_output_directory()) / "flowgrpo" / run_name
-
-
-def _run_files(run_name: str) -> list[Path]:
-    """Files that belong to ``run_name``: its checkpoint files (any iteration, with or without their partner) in
-    the loras folder, and its log folder when it holds anything."""
-    parts = run_name.split("/")
-    folder = loras_root().joinpath(*parts[:-1])
-    own = re.compile(re.escape(parts[-1]) + r"_\d+(" + "|".join(map(re.escape, (PEFT_SUFFIX, LORA_SUFFIX, STATE_SUFFIX)))
-                     + ")")
-    files = sorted(p for p in folder.iterdir() if own.fullmatch(p.name)) if folder.is_dir() else []
-    logs = run_folder(run_name)
-    if logs.is_dir() and any(logs.iterdir()):
-        files.append(logs)
-    return files
-
-
-def new_run_name(run_name: str, node: str) -> str:
-    """``run_name`` when no run has used it, else the first free ``<run_name>-<n>`` (n = 2, 3, ...); says so."""
-    taken = _run_files(run_name)
-    if not taken:
-        return run_name
-    n = 2
-    while _run_files(f"{run_name}-{n}"):
-        n += 1
-    fresh = f"{run_name}-{n}"
-    shown = ", ".join(p.name for p in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-    log.warning("%s: run_name %r already has files (%s); this new run is %r, so they are kept. To continue that "
-                "run, set resume to 'latest'; to reuse the name, move its files away.", node, run_name, shown, fresh)
-    return fresh
 
 
 # ----------------------------------------------------------------------------------------------- LoRA values
@@ -268,7 +138,7 @@ def _resume_file(resume: str, run_name: str, node: str) -> Optional[Path]:
         if path is None:
             log.info("%s: no checkpoint named %s_* in %s; starting a new run", node, run_name, loras_root())
         return path
-    for name, path in _checkpoints():
+    for name, path in checkpoints():
         if name == resume:
             return path
     raise node_error(node, f"resume {resume!r} is not a FlowGRPO checkpoint in {loras_root()} (a LoRA file with a "
@@ -276,50 +146,11 @@ def _resume_file(resume: str, run_name: str, node: str) -> Optional[Path]:
                      "pick one from the resume list (refresh the page after saving), 'latest' or 'none'")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_checkpoint(lora_file: Path) -> TrainingStateFile:
-    """The checkpoint's training state after checking the pair: the state readable and matching its checksum, the
-    LoRA file matching the SHA-256 the state recorded (states written before that record skip this check).
-    Raises FileNotFoundError or :class:`CheckpointError`."""
-    saved = load_training_state(state_path_for(lora_file))
-    recorded = saved.extra.get("lora_sha256")
-    if recorded is not None:
-        if not lora_file.is_file():
-            raise CheckpointError(f"the LoRA file {lora_file} of this checkpoint is missing")
-        if _file_sha256(lora_file) != recorded:
-            raise CheckpointError(f"{lora_file} is damaged: it is not the LoRA file its training state was saved "
-                                  "with (the SHA-256 differs)")
-    return saved
-
-
-def _newest_intact(lora_file: Path) -> Optional[str]:
-    """The name of the newest checkpoint of the same run as ``lora_file`` (older iterations) that passes
-    :func:`verify_checkpoint`, or None."""
-    name = lora_file.relative_to(loras_root()).as_posix()
-    run = re.fullmatch(r"(.+)_\d+" + re.escape(LORA_SUFFIX), name)
-    for _, other, path in _run_checkpoints(run.group(1)) if run else []:
-        if other == name:
-            continue
-        try:
-            verify_checkpoint(path)
-        except (OSError, CheckpointError):
-            continue
-        return other
-    return None
-
-
 def _read_checkpoint(lora_file: Path, wanted: dict, node: str) -> TrainingStateFile:
     try:
         saved = verify_checkpoint(lora_file)
     except (FileNotFoundError, CheckpointError) as exc:
-        intact = _newest_intact(lora_file)
+        intact = newest_intact(lora_file)
         fix = (f"set resume to {intact!r}, the newest intact checkpoint of this run, to continue from there; or "
                if intact else "no other checkpoint of this run is intact: pick another from the resume list, or ")
         raise node_error(node, f"cannot resume from {lora_file.name}: {exc}",
@@ -414,7 +245,7 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
         raise node_error(node, f"ema_decay {ema_decay} with ema_every {ema_every} is not an EMA",
                          "set ema_decay in (0, 1) (Flow-GRPO: 0.9) and ema_every >= 1 (Flow-GRPO: 8), or ema_decay 0 "
                          "for no EMA")
-    run_name = _safe_prefix(run_name, node, "run_name")
+    run_name = safe_prefix(run_name, node, "run_name")
     settings = LoraSettings(rank=int(rank), alpha=float(alpha), targets=targets, seed=int(seed),
                             learning_rate=float(learning_rate), family=family)
     lora_file = _resume_file(resume, run_name, node)
@@ -453,7 +284,7 @@ def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = Non
     """
     if export not in EXPORTS:
         raise node_error(node, f"unknown export {export!r}", f"choose one of {list(EXPORTS)}")
-    prefix = _safe_prefix(filename_prefix or state.run_name, node, "filename_prefix")
+    prefix = safe_prefix(filename_prefix or state.run_name, node, "filename_prefix")
     root = loras_root()
     lora_path = root.joinpath(*prefix.split("/")[:-1]) / f"{prefix.split('/')[-1]}_{state.iteration:05d}{LORA_SUFFIX}"
     state_path = state_path_for(lora_path)
@@ -482,28 +313,20 @@ def save_checkpoint(state: TrainerState, *, filename_prefix: Optional[str] = Non
     files = [(lora_path, lora_bytes)]
     event = {"node": node, "iteration": state.iteration, "lora_path": str(lora_path), "state_path": str(state_path)}
     if peft is not None:
-        files.append((_peft_path_for(lora_path), safetensors_bytes(peft, {**lora_meta, "flowgrpo.keys": "peft"})))
+        files.append((peft_path_for(lora_path), safetensors_bytes(peft, {**lora_meta, "flowgrpo.keys": "peft"})))
         event["peft_path"] = str(files[-1][0])
     files.append((state_path, safetensors_bytes(tensors, metadata)))  # last: its presence marks the pair complete
     try:
         lora_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_files(files)
     except OSError as exc:
-        previous = next((name for it, name, _ in _run_checkpoints(prefix) if it != state.iteration), None)
+        previous = next((name for it, name, _ in run_checkpoints(prefix) if it != state.iteration), None)
         raise node_error(node, f"could not write checkpoint {lora_path.name} into {lora_path.parent} "
                                f"({exc.strerror or exc}); nothing of it was written, and the previous checkpoint "
-                               f"({previous or 'none yet'}) is kept", _save_fix(exc)) from exc
+                               f"({previous or 'none yet'}) is kept", save_fix(exc)) from exc
     emit(CHECKPOINT_EVENT, event)
     log.info("%s: saved %s (iteration %d)", node, lora_path, state.iteration)
     return str(lora_path), str(state_path)
-
-
-def _save_fix(exc: OSError) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return "free space on that disk (or point ComfyUI's loras folder to another disk) and run again"
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return "make the folder writable, or point ComfyUI's loras folder (extra_model_paths.yaml) to a writable one"
-    return "check that the folder exists and can be written, then run again"
 
 
 # ----------------------------------------------------------------------------------------------- apply
