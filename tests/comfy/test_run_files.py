@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import faulty_folders
-from test_lora_nodes import _files, _init, _randomize_, _run_name, loras, mods  # noqa: F401  (fixtures)
+from test_lora_nodes import _init, _randomize_, _run_name, loras, mods  # noqa: F401  (loras, mods: fixtures)
 
 pytestmark = pytest.mark.comfy
 
