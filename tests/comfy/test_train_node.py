@@ -85,3 +85,32 @@ def test_train_bad_inputs_name_the_node(parts, run_node, flowgrpo_pack):
         run_node("FlowGRPOTrain", **parts, run_name="bad", **dict(TRAIN, prompts_per_iteration=4))
     with pytest.raises(err, match="FlowGRPO GRPO Train: .*eps"):
         run_node("FlowGRPOTrain", **dict(parts, model=tiny_models.build_sd15_eps()), run_name="bad", **TRAIN)
+
+
+def test_a_failed_periodic_save_keeps_training_and_the_next_save_writes_everything(parts, run_node, comfy_runtime,
+                                                                                   flowgrpo_pack, monkeypatch, caplog):
+    """The disk is full at the first checkpoint: the run goes on in memory, and once space is freed the next
+    checkpoint holds every iteration (nothing lost, no orphan of the failed save)."""
+    import logging
+    from pathlib import Path
+
+    import faulty_folders
+
+    train_loop = importlib.import_module(f"{flowgrpo_pack.package}.nodes.train_loop")
+    loras = Path(comfy_runtime.folder_paths.get_folder_paths("loras")[0])
+    report = train_loop._report
+    with faulty_folders.filled_folder(loras / "full_disk") as free:
+        def report_then_free(state, *args, **kwargs):  # the user frees space while iteration 2 runs
+            report(state, *args, **kwargs)
+            if state.iteration == 2:
+                free()
+        monkeypatch.setattr(train_loop, "_report", report_then_free)
+        with caplog.at_level(logging.WARNING):
+            _, state, lora_path, _, _ = run_node("FlowGRPOTrain", **parts, run_name="full_disk/run",
+                                                 **dict(TRAIN, save_every=1))
+        names = sorted(p.name for p in (loras / "full_disk").iterdir())
+    assert any("could not write checkpoint run_00001.safetensors" in r.getMessage() and "training goes on"
+               in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records][-5:]
+    assert names == ["run_00002.flowgrpo-state", "run_00002.safetensors", "run_00003.flowgrpo-state",
+                     "run_00003.safetensors"], names
+    assert state.iteration == 3 and lora_path.endswith("run_00003.safetensors")

@@ -15,7 +15,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 #: the size of the "full" file system; a write of ``FULL_TOO_BIG`` bytes does not fit in it
 FULL_SIZE = 256 * 1024
@@ -81,3 +81,21 @@ def read_only_folder(path: Path, files: dict[str, bytes]) -> Iterator[Path]:
         yield path
     finally:
         path.chmod(0o755)
+
+
+@contextlib.contextmanager
+def filled_folder(path: Path) -> Iterator[Callable[[], None]]:
+    """``path`` on a small tmpfs filled to the brim by a ballast file (nothing more fits); yields ``free()``, which
+    deletes the ballast, as a user frees disk space. Needs root with mount rights (the test says so otherwise): a
+    file-size limit cannot stand in here, as it would stop the run's other writes too."""
+    with _tmpfs(path, FULL_TOO_BIG):
+        ballast = path / "ballast"
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        yield lambda: ballast.unlink(missing_ok=True)
