@@ -209,9 +209,22 @@ def test_a_node_failing_at_execution_is_named(server, demo_model_files, tmp_path
     out = cli("run", str(write_json(tmp_path / "fail.json", g.api())), "--server", server.url)
     assert out.returncode == 1
     assert f"node {run.node_id} (SamplerCustomAdvanced) failed" in out.stderr
-    assert "flow-matching model" in out.stderr
-    # a sentence for a person: the error's type without the pack's module path
-    assert "NodeInputError: FlowGRPO SDE Sampler" in out.stderr and ".nodes.state" not in out.stderr, out.stderr
+    assert "ValueError: FlowGRPO needs a flow-matching model" in out.stderr, out.stderr
+
+
+def test_a_node_input_error_reads_as_a_sentence(server, demo_model_files, tmp_path):
+    """The pack's input errors reach the user as ``NodeInputError: <node>: <problem>. Fix: <fix>``, without the
+    pack's module path in front (ComfyUI prints an error's type with its module)."""
+    g = Graph()
+    unet = g.add("UNETLoader", unet_name=demo_model_files["diffusion_model"], weight_dtype="default")
+    trainer = g.add("FlowGRPOLoRAInit", model=unet, rank=4, alpha=4.0, targets="attention", learning_rate=1e-4,
+                    seed=0, run_name="../outside", resume="none", ema_decay=0.0, ema_every=1)
+    g.add("FlowGRPOSaveLoRA", trainer=trainer, filename_prefix="", export="comfyui")
+    out = cli("run", str(write_json(tmp_path / "bad_name.json", g.api())), "--server", server.url)
+    assert out.returncode == 1
+    assert "failed: NodeInputError: FlowGRPO LoRA Init: run_name '../outside' is not a file name inside the loras " \
+           "folder. Fix: use a plain name" in out.stderr, out.stderr
+    assert ".nodes." not in out.stderr and "custom_nodes" not in out.stderr, out.stderr
 
 
 def _start_long_run(server, prefix: str) -> subprocess.Popen:
