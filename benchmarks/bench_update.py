@@ -53,7 +53,8 @@ def bare_forward_backward(mods, rollout, params) -> None:
     traj, spec, patcher = rollout.trajectory, rollout.trajectory.spec, rollout.model
     cfg = dict(spec.extras)["cfg"]
     options = patcher.model_options.get("transformer_options", {})
-    with torch.inference_mode(False), torch.enable_grad(), P.mutation_guard(patcher.model):
+    # ComfyUI's training flag as the update sets it (2026 runtimes: kernels with autograd formulas)
+    with torch.inference_mode(False), torch.enable_grad(), P.training_mode(), P.mutation_guard(patcher.model):
         for j in spec.train_steps:
             for chunk in spec.chunks(traj.batch_size):
                 x = traj.latents[j, chunk].clone()

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 
 import runtime  # noqa: E402  (tests/comfy/runtime.py)
+from flowgrpo.server import locate_comfyui  # noqa: E402
 
 MODELS = ("sd3", "flux-width", "flux-dev", "qwen-image")
 DTYPES = ("fp32", "bf16", "fp16", "fp8")
@@ -75,7 +76,7 @@ def comfy_in_process(device: Optional[str] = None):
     """``(NODE_CLASS_MAPPINGS, run)`` for an in-process ComfyUI (CPU unless ``device == "cuda"``) on a throw-away
     home; ``run(name, **inputs)`` calls a node the way the executor does."""
     home = runtime.make_home(Path(tempfile.mkdtemp(prefix="flowgrpo_bench_")), ROOT)
-    runtime.setup_inprocess(Path((ROOT / ".runtime" / "comfyui_path").read_text().strip()), home,
+    runtime.setup_inprocess(locate_comfyui(ROOT), home,  # COMFYUI_PATH, else the bootstrapped runtime
                             cpu=device != "cuda")
     node = runtime.init_nodes()
     from conftest import call_node
@@ -112,13 +113,17 @@ class BenchModel:
 
 def flux_width_config(depth: int, single_depth: Optional[int] = None, heads: int = 24) -> dict:
     """ComfyUI FLUX unet config at FLUX.1's width (``heads`` of 128: 24 is FLUX.1) with ``depth`` double and
-    ``single_depth`` (default ``depth``) single blocks."""
-    return {
+    ``single_depth`` (default ``depth``) single blocks, fitted to the running ComfyUI's ``FluxParams`` (as the tests'
+    tiny FLUX: ``tiny_models.fit_to_params``)."""
+    from comfy.ldm.flux.model import FluxParams
+    from tiny_models import FLUX1_VERSIONED_FIELDS, fit_to_params
+
+    return fit_to_params(FluxParams, {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
         "hidden_size": 128 * heads, "mlp_ratio": 4.0, "num_heads": heads, "depth": depth,
         "depth_single_blocks": depth if single_depth is None else single_depth,
         "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
-    }
+    }, FLUX1_VERSIONED_FIELDS)
 
 
 QWEN_CONTEXT_DIM = 3584
