@@ -115,11 +115,10 @@ def atomic_write_files(files: Sequence[tuple[PathLike, bytes]]) -> list[Path]:
             done.append(path)
     except BaseException:
         for path, tmp_name in pending:
-            for leftover in ((tmp_name,) if path not in done else (str(path),)):
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(path if path in done else tmp_name)
+            except FileNotFoundError:
+                pass
         raise
     for folder in {path.parent for path, _ in pending}:
         _fsync_dir(folder)

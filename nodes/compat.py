@@ -18,23 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-__all__ = ["comfyui_version", "has_training_flag", "training_mode", "interrupts_held"]
-
-
-def comfyui_version() -> str:
-    """The running ComfyUI's version string (``comfyui_version.__version__``), ``"unknown"`` where it has none."""
-    try:
-        import comfyui_version
-    except ImportError:
-        return "unknown"
-    return str(getattr(comfyui_version, "__version__", "unknown"))
-
-
-def has_training_flag() -> bool:
-    """Whether this ComfyUI has ``comfy.model_management.in_training`` (2026 releases)."""
-    import comfy.model_management
-
-    return hasattr(comfy.model_management, "in_training")
+__all__ = ["training_mode", "interrupts_held"]
 
 
 @contextlib.contextmanager

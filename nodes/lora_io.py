@@ -28,9 +28,9 @@ from ..flowgrpo_core.ema import LoraEMA
 from ..flowgrpo_core.rng import capture_rng_state, restore_rng_state
 from .comfy_policy import LORA_TARGETS, attach_trainable_lora, model_family
 from .model_adapter import require_flow_model
-from .run_files import (LORA_SUFFIX, checkpoints, PEFT_SUFFIX, STATE_SUFFIX, find_latest_checkpoint, loras_root, new_run_name,
-                        newest_intact, peft_path_for, resume_options, run_checkpoints, run_folder, safe_prefix,
-                        save_fix, state_path_for, verify_checkpoint)
+from .run_files import (LORA_SUFFIX, PEFT_SUFFIX, STATE_SUFFIX, checkpoints, find_latest_checkpoint, loras_root,
+                        new_run_name, newest_intact, peft_path_for, resume_options, run_checkpoints, run_folder,
+                        safe_prefix, save_fix, state_path_for, verify_checkpoint)
 from .state import CHECKPOINT_EVENT, LoraSettings, TrainerState, emit, node_error
 
 __all__ = [

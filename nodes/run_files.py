@@ -48,6 +48,8 @@ LORA_SUFFIX = ".safetensors"
 STATE_SUFFIX = ".flowgrpo-state"
 PEFT_SUFFIX = ".peft.safetensors"
 _BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*]')
+#: a checkpoint's LoRA name, relative to the loras folder: ``<run>_<iteration digits>.safetensors``
+_CHECKPOINT_NAME = re.compile(r"(?P<run>.+)_(?P<iteration>\d+)" + re.escape(LORA_SUFFIX))
 
 
 def loras_root() -> Path:
@@ -64,6 +66,7 @@ def state_path_for(lora_path: os.PathLike | str) -> Path:
 
 
 def peft_path_for(lora_path: Path) -> Path:
+    """``<stem>.peft.safetensors`` next to ``<stem>.safetensors``."""
     return lora_path.with_name(lora_path.name[: -len(LORA_SUFFIX)] + PEFT_SUFFIX)
 
 
@@ -105,8 +108,8 @@ def resume_options() -> list[str]:
 
 def _iteration_of(name: str, run_name: str) -> Optional[int]:
     """The iteration in a checkpoint name ``<run_name>_<digits>.safetensors`` of this run, else None."""
-    found = re.fullmatch(re.escape(run_name) + r"_(\d+)" + re.escape(LORA_SUFFIX), name)
-    return int(found.group(1)) if found else None
+    found = _CHECKPOINT_NAME.fullmatch(name)
+    return int(found["iteration"]) if found and found["run"] == run_name else None
 
 
 def run_checkpoints(run_name: str) -> list[tuple[int, str, Path]]:
@@ -185,8 +188,8 @@ def newest_intact(lora_file: Path) -> Optional[str]:
     """The name of the newest checkpoint of the same run as ``lora_file`` (older iterations) that passes
     :func:`verify_checkpoint`, or None."""
     name = lora_file.relative_to(loras_root()).as_posix()
-    run = re.fullmatch(r"(.+)_\d+" + re.escape(LORA_SUFFIX), name)
-    for _, other, path in run_checkpoints(run.group(1)) if run else []:
+    run = _CHECKPOINT_NAME.fullmatch(name)
+    for _, other, path in run_checkpoints(run["run"]) if run else []:
         if other == name:
             continue
         try:

@@ -38,6 +38,7 @@ from .prompt_nodes import EncodingCache, encode_prompt_batch, encode_texts
 from .reward_model_nodes import score_images
 from .reward_nodes import compute_simple_reward, images_as_batch
 from .rollout_nodes import SamplingSettings, make_sigmas, run_rollout
+from .run_files import run_folder
 from .state import METRICS_EVENT, NodeInputError, PromptBatch, Rewards, TrainerState, emit
 from .update_nodes import UpdateSettings, grpo_update
 
@@ -88,9 +89,6 @@ class TrainJob:
                 "width": self.width, "height": self.height, "reward": reward, "reward_scale": self.reward_scale,
                 "flux_guidance": self.flux_guidance, "negative_prompt": self.negative_prompt, "seed": self.seed,
                 "num_prompts": len(self.prompts), "eval_steps": self.eval_steps, "eval_every": self.eval_every}
-
-
-run_folder = lora_io.run_folder  # ``<output>/flowgrpo/<run_name>``: the run's logs and images
 
 
 def curve_file(run_name: str) -> tuple[Path, str]:
