@@ -28,13 +28,13 @@ def measure(node: dict, model, args) -> dict:
     import comfy.model_management
     import torch
 
-    P = pack_module(node, "nodes.comfy_policy")
+    C = pack_module(node, "nodes.conditioning")
     sde = pack_module(node, "flowgrpo_core.sde")
     patcher = model.patcher
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     device = patcher.load_device
-    cond = P.encode_conditioning(patcher, model.positive, model.negative, args.batch, model.latent_shape)
-    kwargs = cond["positive"] if model.cfg == 1.0 else P.batch_branches(cond["positive"], cond["negative"])
+    cond = C.encode_conditioning(patcher, model.positive, model.negative, args.batch, model.latent_shape)
+    kwargs = cond["positive"] if model.cfg == 1.0 else C.batch_branches(cond["positive"], cond["negative"])
     rows = 1 if model.cfg == 1.0 else 2
     x = torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
     x_in = torch.cat([x] * rows)

@@ -26,8 +26,10 @@ from comfy_bench import build_model, comfy_in_process, describe, median_ratio, p
 
 
 def pack_modules(node_mappings) -> dict:
-    """The pack's ``nodes.state``, ``nodes.comfy_policy`` and ``flowgrpo_core.policy`` as ComfyUI imported them."""
-    return {name: pack_module(node_mappings, name) for name in ("nodes.state", "nodes.comfy_policy", "flowgrpo_core.policy")}
+    """The pack's ``nodes.state``, ``nodes.comfy_policy``, ``nodes.conditioning`` and ``flowgrpo_core.policy`` as
+    ComfyUI imported them."""
+    return {name: pack_module(node_mappings, name)
+            for name in ("nodes.state", "nodes.comfy_policy", "nodes.conditioning", "flowgrpo_core.policy")}
 
 
 def sample_rollout(run, mods, model, args, train_model, micro_batch: int = 0):
@@ -50,6 +52,7 @@ def bare_forward_backward(mods, rollout, params) -> None:
     import torch
 
     P, index_cond = mods["nodes.comfy_policy"], mods["flowgrpo_core.policy"].index_cond
+    batch_branches = mods["nodes.conditioning"].batch_branches
     traj, spec, patcher = rollout.trajectory, rollout.trajectory.spec, rollout.model
     cfg = dict(spec.extras)["cfg"]
     options = patcher.model_options.get("transformer_options", {})
@@ -59,7 +62,7 @@ def bare_forward_backward(mods, rollout, params) -> None:
             for chunk in spec.chunks(traj.batch_size):
                 x = traj.latents[j, chunk].clone()
                 cond = index_cond(traj.cond, chunk)
-                kwargs = cond["positive"] if cfg == 1.0 else P.batch_branches(cond["positive"], cond["negative"])
+                kwargs = cond["positive"] if cfg == 1.0 else batch_branches(cond["positive"], cond["negative"])
                 if cfg != 1.0:
                     x = torch.cat([x, x])
                 sigma = torch.full((x.shape[0],), spec.sigmas[j], device=x.device)

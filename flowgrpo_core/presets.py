@@ -7,10 +7,12 @@ Conventions:
 * a preset sets any subset of the fields; the node keeps its own widget value for the fields a preset leaves out;
 * a preset file is one JSON object::
 
-      {"title": "...", "family": "sd3" | "flux" | "qwen_image", "description": "...", "source": "...",
+      {"title": "...", "family": "flux", "description": "...", "source": "...",
        "values": {"steps": 10, "sde_kind": "flow_sde", ...}}
 
-  ``family`` and ``values`` are required; the preset's name is the file's stem (or what the caller passes);
+  ``family`` and ``values`` are required; ``family`` is the ComfyUI model config class in snake case, as
+  ``nodes.lora_targets.model_family`` names it (``sd3``, ``flux``, ``flux2``, ``qwen_image``, ``z_image``,
+  ``wan22_t2v``, ...); the preset's name is the file's stem (or what the caller passes);
 * overrides are text, one ``field = value`` per line or several separated by commas; ``#`` starts a comment;
   values are parsed by the field's type (``1e-4``, ``true``/``false``/``yes``/``no``/``1``/``0``, strings bare or
   quoted with ``"..."`` (JSON escapes) or ``'...'``); nothing is evaluated;
@@ -40,12 +42,12 @@ from .rewards.simple import SIMPLE_REWARDS
 from .sde import SDE_KINDS, check_noise_level
 from .windows import STEP_MODES, StepSelection, select_steps
 
-__all__ = ["FAMILIES", "LORA_TARGETS", "FIELDS", "Field", "PresetError", "Preset", "PRESET_DIR", "validate_values",
+__all__ = ["FAMILY_PATTERN", "LORA_TARGETS", "FIELDS", "Field", "PresetError", "Preset", "PRESET_DIR", "validate_values",
            "check_consistency", "load_preset_file", "builtin_presets", "parse_overrides", "resolve"]
 
-#: model families, as ``nodes.comfy_policy.model_family`` names them
-FAMILIES = ("sd3", "flux", "qwen_image")
-#: LoRA target groups (``nodes.comfy_policy.LORA_TARGETS``; the core does not import the nodes)
+#: a model family name: a ComfyUI model config class in snake case (``nodes.lora_targets.model_family``)
+FAMILY_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+#: LoRA target groups (``nodes.lora_targets.LORA_TARGETS``; the core does not import the nodes)
 LORA_TARGETS = ("attention", "attention_mlp")
 #: the built-in preset files
 PRESET_DIR = Path(__file__).resolve().parent / "preset_files"
@@ -65,6 +67,14 @@ class PresetError(ValueError):
 
     def prefixed(self, where: str) -> "PresetError":
         return PresetError(f"{where}: {self.problem}", self.fix)
+
+
+def _check_family(family: str, where: str) -> None:
+    if not FAMILY_PATTERN.fullmatch(family):
+        raise PresetError(f"{where}: family {family!r} is not a model family name (lower case letters, digits and "
+                          "_, e.g. flux, qwen_image, wan22_t2v)",
+                          "set family to the ComfyUI model class the preset is for, in snake case (FlowGRPO LoRA "
+                          "Init logs the name of a connected MODEL's family)")
 
 
 def _number(x: float) -> str:
@@ -296,9 +306,7 @@ class Preset:
     values: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise PresetError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}",
-                              "set family to the model family the preset is for")
+        _check_family(self.family, "family")
         object.__setattr__(self, "values", MappingProxyType(validate_values(self.values)))
 
 
@@ -375,9 +383,7 @@ def load_preset_file(path: str | Path, name: Optional[str] = None) -> Preset:
         raise PresetError(f"{where('values') if 'values' in data else path}: \"values\" must be an object of "
                           "field: value pairs", "add \"values\": {\"steps\": 10, ...}")
     family = _require_str(data, "family", None, where)
-    if family not in FAMILIES:
-        raise PresetError(f"{where('family')}: family {family!r} is not one of {', '.join(FAMILIES)}",
-                          "set family to the model family the preset is for")
+    _check_family(family, where("family"))
     checked = {}
     for key, value in values.items():
         try:

@@ -26,7 +26,8 @@ from ..flowgrpo_core.checkpoint import (
 )
 from ..flowgrpo_core.ema import LoraEMA
 from ..flowgrpo_core.rng import capture_rng_state, restore_rng_state
-from .comfy_policy import LORA_TARGETS, attach_trainable_lora, model_family
+from .lora_adapters import attach_trainable_lora
+from .lora_targets import LORA_TARGETS, model_family
 from .model_adapter import require_flow_model
 from .run_files import (LORA_SUFFIX, PEFT_SUFFIX, STATE_SUFFIX, checkpoints, find_latest_checkpoint, loras_root,
                         new_run_name, newest_intact, peft_path_for, resume_options, run_checkpoints, run_folder,
@@ -238,8 +239,8 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
         require_flow_model(model)
         family = model_family(model.model)
     except ValueError as exc:
-        raise node_error(node, str(exc), "connect a flow-matching MODEL (SD3, FLUX or Qwen-Image) from a stock "
-                                         "loader such as UNETLoader") from exc
+        raise node_error(node, str(exc), "connect a flow-matching MODEL (FLUX, Qwen-Image, SD3, Wan, Z-Image, "
+                                         "...) from a stock loader such as UNETLoader") from exc
     _check_inputs(rank, alpha, targets, learning_rate, node)
     if ema_decay and not (0.0 < float(ema_decay) < 1.0 and int(ema_every) >= 1):
         raise node_error(node, f"ema_decay {ema_decay} with ema_every {ema_every} is not an EMA",
@@ -254,10 +255,16 @@ def make_trainer_state(model: Any, *, rank: int, alpha: float, targets: str, lea
         run_name = new_run_name(run_name, node)
 
     with torch.inference_mode(False):
-        patcher, params = attach_trainable_lora(model, settings.rank, settings.alpha, targets, settings.seed)
+        try:
+            patcher, params = attach_trainable_lora(model, settings.rank, settings.alpha, targets, settings.seed)
+        except ValueError as exc:
+            raise node_error(node, str(exc), "report the model (its loader and file) to FlowGRPO; meanwhile try "
+                                             "the other targets setting") from exc
         trainable = [p for k, p in params.items() if k.endswith(_TRAINABLE)]  # the state does not exist yet
         optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4,
                                       eps=1e-8)
+    log.info("FlowGRPO %s: %s model (family %r): a rank-%d LoRA on %d %s layers", node,
+             type(model.model.model_config).__name__, family, settings.rank, len(params) // 3, targets)
     state = TrainerState(base_model=model, patcher=patcher, lora_params=params, optimizer=optimizer,
                          settings=settings, run_name=run_name)
     if saved is not None:

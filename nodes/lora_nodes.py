@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from .comfy_policy import LORA_TARGETS
+from .lora_targets import LORA_TARGETS
 from .lora_io import APPLY_NODE, EXPORTS, INIT_NODE, SAVE_NODE, apply_lora, lora_state_dict, make_trainer_state, \
     resume_options, save_checkpoint
 from .always_run import AlwaysRun
@@ -40,7 +40,8 @@ class FlowGRPOLoRAInit(AlwaysRun):
             node_id="FlowGRPOLoRAInit",
             display_name=INIT_NODE,
             category="FlowGRPO/training",
-            description=("Puts a trainable LoRA on a copy of a flow-matching MODEL (SD3, FLUX, Qwen-Image) and makes "
+            description=("Puts a trainable LoRA on a copy of any flow-matching MODEL ComfyUI loads (FLUX, Qwen-Image, "
+                         "SD3, Wan, Z-Image, ...) and makes "
                          "its AdamW optimizer, or resumes a saved run. The input MODEL is not changed; the MODEL "
                          "output carries the LoRA: sample rollouts with it."),
             inputs=[

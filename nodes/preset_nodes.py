@@ -129,7 +129,7 @@ def apply_preset(preset: Optional[ResolvedPreset], inputs: dict, node: str, fami
     """A copy of ``inputs`` (a node's keyword arguments) where every preset field that is one of the node's inputs
     takes the preset's value; fields the node does not have are ignored. ``names``: the node's input names (default:
     the keys of ``inputs``; pass them so that optional inputs a saved workflow leaves out are set too). With
-    ``family`` (the MODEL's, e.g. from ``comfy_policy.model_family``) a preset for another family is a node error."""
+    ``family`` (the MODEL's, e.g. from ``lora_targets.model_family``) a preset for another family is a node error."""
     out = dict(inputs)
     if preset is None:
         return out

@@ -1,7 +1,7 @@
 """SDE rollouts with log-probs on a ComfyUI MODEL: the ``FlowGRPO SDE Sampler (rollout)`` node and its helpers.
 
 :func:`run_rollout` is the one code path for rollouts (this node and the all-in-one train node): flow-model check,
-sigma grid, step plan (:mod:`flowgrpo_core.windows`), conditioning (:func:`comfy_policy.encode_conditioning`), the
+sigma grid, step plan (:mod:`flowgrpo_core.windows`), conditioning (:func:`conditioning.encode_conditioning`), the
 initial noise from ``(seed, iteration)``, then :func:`flowgrpo_core.rollout.sample_trajectory` with ComfyUI's latent
 previewer, progress bar and interrupt checks. Latents inside the trajectory are in the model's space
 (``process_latent_in``); the LATENT output is converted back (``process_latent_out``) for VAEDecode.
@@ -21,7 +21,9 @@ from ..flowgrpo_core.rollout import RolloutSpec, sample_trajectory
 from ..flowgrpo_core.sde import SDE_KINDS, check_noise_level
 from ..flowgrpo_core.seeding import iteration_generator
 from ..flowgrpo_core.windows import STEP_MODES, StepSelection, select_steps
-from .comfy_policy import ComfyFlowPolicy, encode_conditioning, merged_lora_weights
+from .comfy_policy import ComfyFlowPolicy
+from .conditioning import encode_conditioning
+from .lora_adapters import merged_lora_weights
 from .model_adapter import require_flow_model
 from .always_run import AlwaysRun
 from .state import GROUPS, ROLLOUT, PromptBatch, Rollout, node_error

@@ -156,7 +156,7 @@ class TrainerState:
     """A LoRA being trained with GRPO.
 
     base_model:  the input MODEL (never modified).
-    patcher:     a clone of it carrying the trainable LoRA (``nodes.comfy_policy.attach_trainable_lora``).
+    patcher:     a clone of it carrying the trainable LoRA (``nodes.lora_adapters.attach_trainable_lora``).
     lora_params: ``diffusion_model.<path>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` -> fp32 tensors
                  (the live parameters: a ComfyUI-native LoRA state dict).
     optimizer:   the optimizer over the trainable ``lora_params``.

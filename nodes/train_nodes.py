@@ -15,7 +15,7 @@ from comfy_api.latest import io, ui
 
 from . import lora_io, previews
 from .always_run import AlwaysRun
-from .comfy_policy import LORA_TARGETS
+from .lora_targets import LORA_TARGETS
 from .lora_nodes import ema_inputs
 from .preset_nodes import apply_preset, preset_input
 from .prompt_nodes import read_prompts
@@ -176,7 +176,7 @@ class FlowGRPOTrain(AlwaysRun):
 
 
 def _family(model: Any):
-    from .comfy_policy import model_family
+    from .lora_targets import model_family
 
     try:
         return model_family(model.model)

@@ -17,7 +17,8 @@ from comfy_api.latest import io
 from ..flowgrpo_core.grpo import group_advantages, multi_reward_advantages
 from ..flowgrpo_core.trainer import GRPOConfig, GRPOTrainer
 from . import lora_io
-from .comfy_policy import ComfyFlowPolicy, lora_adapters
+from .comfy_policy import ComfyFlowPolicy
+from .lora_adapters import lora_adapters
 from .always_run import AlwaysRun
 from ..flowgrpo_core.profiling import PhaseTimer
 from .offload import offload_all_but

@@ -32,6 +32,9 @@ def mods(flowgrpo_pack):
     """The pack's modules as ComfyUI loaded them (relative imports: same package as the policy)."""
     pkg = flowgrpo_pack.package
     return SimpleNamespace(policy=importlib.import_module(f"{pkg}.nodes.comfy_policy"),
+                           adapters=importlib.import_module(f"{pkg}.nodes.lora_adapters"),
+                           conditioning=importlib.import_module(f"{pkg}.nodes.conditioning"),
+                           targets=importlib.import_module(f"{pkg}.nodes.lora_targets"),
                            compat=importlib.import_module(f"{pkg}.nodes.compat"),
                            rollout=importlib.import_module(f"{pkg}.flowgrpo_core.rollout"),
                            trainer=importlib.import_module(f"{pkg}.flowgrpo_core.trainer"))
@@ -110,8 +113,8 @@ def test_attach_lora_targets_dtype_and_fresh_policy_equals_base(kind, mods, run_
     P = mods.policy
     model = _load(kind, run_node, tiny_sd3_file)
     wrappers_before = dict(model.weight_wrapper_patches)
-    attn, lora = P.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention")
-    both, lora_both = P.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp")
+    attn, lora = mods.adapters.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention")
+    both, lora_both = mods.adapters.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp")
     assert model.weight_wrapper_patches == wrappers_before, "the input MODEL must get no wrapper"
     assert attn is not model and attn.model is model.model
 
@@ -133,7 +136,7 @@ def test_attach_lora_targets_dtype_and_fresh_policy_equals_base(kind, mods, run_
     assert len(params) == 2 * len(ups) and all(p.requires_grad for p in params)
     assert not any(p.requires_grad for p in attn.model.parameters()), "the base must be frozen"
     pos, neg = _conds(kind)
-    cond = P.encode_conditioning(attn, pos, neg, 2, tiny_models.latent_shape(kind, 2))
+    cond = mods.conditioning.encode_conditioning(attn, pos, neg, 2, tiny_models.latent_shape(kind, 2))
     x = tiny_models.random_latent(kind, batch=2, seed=5)
     sigma = torch.tensor([0.9, 0.4])
     with torch.no_grad():
@@ -143,16 +146,13 @@ def test_attach_lora_targets_dtype_and_fresh_policy_equals_base(kind, mods, run_
     torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-6)
 
 
-def test_unknown_targets_and_non_matching_models_raise(mods, run_node, tiny_sd3_file, monkeypatch):
-    P = mods.policy
+def test_unknown_targets_and_models_without_targets_raise(mods, run_node, tiny_sd3_file, monkeypatch):
     model = _load("sd3", run_node, tiny_sd3_file)
     with pytest.raises(ValueError, match="targets must be one of"):
-        P.attach_trainable_lora(model, targets="everything")
-    monkeypatch.setitem(P.TARGET_PATTERNS, "sd3", {"attention": r"no_such_block", "mlp": r"nor_this"})
-    with pytest.raises(ValueError, match="no Linear layer of this sd3 model matches"):
-        P.attach_trainable_lora(model, targets="attention_mlp")
-    with pytest.raises(ValueError, match="SD3, FLUX and Qwen-Image"):
-        P.attach_trainable_lora(tiny_models.build_sd15_eps(), targets="attention")
+        mods.adapters.attach_trainable_lora(model, targets="everything")
+    monkeypatch.setitem(mods.targets._GROUPS, "attention_mlp", ("no_such_role",))
+    with pytest.raises(ValueError, match="this sd3 model has no no_such_role Linear layer inside a transformer block"):
+        mods.adapters.attach_trainable_lora(model, targets="attention_mlp")
 
 
 # ------------------------------------------------------------------------------------------ rollout and update
@@ -164,9 +164,9 @@ def test_rollout_replay_and_grpo_update(kind, mods, run_node, tiny_sd3_file):
     pos, neg = _conds(kind)
     stock_before = _sample(run_node, model, pos, kind=kind)
 
-    patcher, lora = P.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp", seed=0)
+    patcher, lora = mods.adapters.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp", seed=0)
     policy = P.ComfyFlowPolicy(patcher, cfg=s["cfg"], norm_rescale=s["norm_rescale"])
-    cond = P.encode_conditioning(patcher, pos, neg, BATCH, tiny_models.latent_shape(kind, BATCH))
+    cond = mods.conditioning.encode_conditioning(patcher, pos, neg, BATCH, tiny_models.latent_shape(kind, BATCH))
     if kind == "flux":
         assert cond["positive"]["guidance"].tolist() == [3.5] * BATCH and "negative" not in cond
     else:
@@ -253,16 +253,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, mods, run_node, t
     P = mods.policy
     s = SETTINGS[kind]
     model = _load(kind, run_node, tiny_sd3_file)
-    patcher, lora = P.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp", seed=0)
+    patcher, lora = mods.adapters.attach_trainable_lora(model, rank=4, alpha=4.0, targets="attention_mlp", seed=0)
     with torch.no_grad():
         for k, p in lora.items():
             if k.endswith("lora_up.weight"):
                 p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(k)))
     pos, neg = _conds(kind)
-    cond = P.encode_conditioning(patcher, pos, neg, 2, tiny_models.latent_shape(kind, 2))
+    cond = mods.conditioning.encode_conditioning(patcher, pos, neg, 2, tiny_models.latent_shape(kind, 2))
     x = tiny_models.random_latent(kind, batch=2, seed=5)
     sigma = torch.tensor([0.9, 0.4])
-    blocks = P._blocks(patcher.model.diffusion_model)
+    blocks = [b for _, b in mods.targets.transformer_blocks(patcher.model.diffusion_model)]
     assert blocks and not any("forward" in b.__dict__ for b in blocks)
 
     grads = {}
@@ -292,7 +292,7 @@ def test_mutation_context_only_for_models_that_update_saved_tensors_in_place(kin
     """``allow_mutation_on_saved_tensors`` watches every operation; the policy uses it only where plain autograd
     fails: ComfyUI's FLUX blocks (``img += ...``). SD3 and Qwen-Image train with plain autograd."""
     P = mods.policy
-    patcher, lora = P.attach_trainable_lora(_load(kind, run_node, tiny_sd3_file), rank=4, alpha=4.0,
+    patcher, lora = mods.adapters.attach_trainable_lora(_load(kind, run_node, tiny_sd3_file), rank=4, alpha=4.0,
                                             targets="attention_mlp", seed=0)
     with torch.no_grad():
         for k, p in lora.items():
@@ -300,7 +300,7 @@ def test_mutation_context_only_for_models_that_update_saved_tensors_in_place(kin
                 p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(k)))
     assert P.mutates_saved_tensors(patcher.model) == (kind == "flux")
     pos, _ = _conds(kind)
-    cond = P.encode_conditioning(patcher, pos, None, 2, tiny_models.latent_shape(kind, 2))
+    cond = mods.conditioning.encode_conditioning(patcher, pos, None, 2, tiny_models.latent_shape(kind, 2))
     x = tiny_models.random_latent(kind, batch=2, seed=5)
     P.ComfyFlowPolicy(patcher).ensure_loaded()
     params = [p for p in lora.values() if p.requires_grad]

@@ -10,7 +10,7 @@ Layout (``nodes.comfy_policy.ComfyFlowPolicy.velocity``): true CFG runs one forw
 micro-batch of ``b`` (positive rows first, then negative), as ComfyUI's samplers batch them; only conditionings of
 different shapes (a negative of another token length) fall back to two forwards of ``b``.
 
-Merged weights (``nodes.comfy_policy.merged_lora_weights``): during a rollout the adapted Linear layers hold their
+Merged weights (``nodes.lora_adapters.merged_lora_weights``): during a rollout the adapted Linear layers hold their
 merged weight and run without weight functions (ComfyUI's ``cast_bias_weight`` is not called for them, counted by
 recording its calls); the layers get their own Parameter and weight functions back afterwards, the results are bitwise
 those of the per-rollout cache and of ComfyUI's per-forward merge, and the update replays the rollout exactly.
@@ -55,7 +55,8 @@ ITERATIONS = {"sliding_window": (0, 2), "random_subset": (4,)}
 def mods(flowgrpo_pack):
     pkg = flowgrpo_pack.package
     return SimpleNamespace(**{name: importlib.import_module(f"{pkg}.{path}") for name, path in (
-        ("state", "nodes.state"), ("policy", "nodes.comfy_policy"), ("windows", "flowgrpo_core.windows"),
+        ("state", "nodes.state"), ("policy", "nodes.comfy_policy"), ("adapters", "nodes.lora_adapters"),
+        ("conditioning", "nodes.conditioning"), ("windows", "flowgrpo_core.windows"),
         ("core_policy", "flowgrpo_core.policy"), ("rollout", "flowgrpo_core.rollout"))})
 
 
@@ -81,7 +82,7 @@ def make_trainer(mods, run_node, base_model, name, **lora):
     """A trainer with a non-zero LoRA (so enabled and disabled adapters give different outputs) and its probe."""
     trainer, train_model = init_trainer(run_node, base_model, name, **lora)
     randomise_lora_(trainer)
-    return trainer, train_model, MergeAwareProbe(train_model, adapters=mods.policy.lora_adapters(train_model))
+    return trainer, train_model, MergeAwareProbe(train_model, adapters=mods.adapters.lora_adapters(train_model))
 
 
 def rollout(mods, run_node, train_model, cfg=4.5, **overrides):
@@ -212,8 +213,8 @@ def test_cfg_branches_of_other_shapes_run_as_two_forwards_with_the_same_guided_v
     velocities = {}
     for tokens in (8, 16):  # the positive has 8 tokens
         negative = [[t[:, :1].repeat(1, tokens, 1) * 0.5, e] for t, e in batched_conditioning("sd3", (4, 4), 2)]
-        cond = mods.policy.encode_conditioning(train_model, positive, negative, BATCH, x.shape)
-        assert (mods.policy.batch_branches(cond["positive"], cond["negative"]) is None) == (tokens != 8)
+        cond = mods.conditioning.encode_conditioning(train_model, positive, negative, BATCH, x.shape)
+        assert (mods.conditioning.batch_branches(cond["positive"], cond["negative"]) is None) == (tokens != 8)
         policy = mods.policy.ComfyFlowPolicy(train_model, cfg=4.5)
         with probe, probe.phase(f"tokens{tokens}"), torch.inference_mode():
             velocities[tokens] = policy.velocity(x, sigma, cond)
@@ -369,11 +370,11 @@ def recorded(owner, name):
 @contextlib.contextmanager
 def merged_swap(mods, enabled):
     """Run with ``merged_lora_weights`` swapping the merged weights into the layers (its default) or not."""
-    previous, mods.policy.SWAP_MERGED_WEIGHTS = mods.policy.SWAP_MERGED_WEIGHTS, enabled
+    previous, mods.adapters.SWAP_MERGED_WEIGHTS = mods.adapters.SWAP_MERGED_WEIGHTS, enabled
     try:
         yield
     finally:
-        mods.policy.SWAP_MERGED_WEIGHTS = previous
+        mods.adapters.SWAP_MERGED_WEIGHTS = previous
 
 
 def layer_state(probe):
@@ -401,7 +402,7 @@ def swap_case(mods, run_node, base_model, name: str, seed: int, sigma: float, to
     before = loaded_layer_state(mods, train_model, probe)
     policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
-    cond = mods.policy.encode_conditioning(train_model, batched_conditioning("sd3", (tokens,), 2), None, 2, x.shape)
+    cond = mods.conditioning.encode_conditioning(train_model, batched_conditioning("sd3", (tokens,), 2), None, 2, x.shape)
     return train_model, probe, before, policy, x, torch.full((2,), sigma), cond
 
 
@@ -412,7 +413,7 @@ def test_a_rollout_merges_each_lora_weight_once_and_the_update_replays_it_exactl
     from comfy.weight_adapter.lora import LoraDiff
 
     trainer, train_model, probe = make_trainer(mods, run_node, base_model, "merged_weights")
-    adapters = mods.policy.lora_adapters(train_model)
+    adapters = mods.adapters.lora_adapters(train_model)
     with recorded(type(adapters[0]), "merge") as merges, recorded(LoraDiff, "__call__") as per_forward:
         with probe, probe.phase("rollout"):
             ro = rollout(mods, run_node, train_model, micro_batch_size=2)
@@ -462,7 +463,7 @@ def test_adapted_layers_run_plain_linear_on_merged_weights_and_get_their_own_bac
 
     def velocity(swap):
         with recorded(comfy.ops, "cast_bias_weight") as casts, torch.inference_mode():
-            with mods.policy.merged_lora_weights(train_model, swap=swap) as merging:
+            with mods.adapters.merged_lora_weights(train_model, swap=swap) as merging:
                 assert merging is True
                 v = policy.velocity(x, sigma, cond)
                 inside = layer_state(probe)
@@ -488,7 +489,7 @@ def test_adapted_layers_run_plain_linear_on_merged_weights_and_get_their_own_bac
     class Interrupted(Exception):
         pass
 
-    with pytest.raises(Interrupted), torch.inference_mode(), mods.policy.merged_lora_weights(train_model):
+    with pytest.raises(Interrupted), torch.inference_mode(), mods.adapters.merged_lora_weights(train_model):
         policy.velocity(x, sigma, cond)
         assert all(len(m.weight_function) == 0 for m, _ in probe.adapted)
         with pytest.raises(RuntimeError, match="merged_lora_weights"):
@@ -514,11 +515,11 @@ def test_every_family_runs_all_adapted_layers_on_merged_weights(kind, mods, run_
     _, train_model, probe = make_trainer(mods, run_node, model, f"swap_{kind}", rank=3, alpha=5.0)
     policy = mods.policy.ComfyFlowPolicy(train_model, cfg=1.0)
     x = torch.randn(tiny_models.latent_shape(kind, batch=1), generator=torch.Generator().manual_seed(3))
-    cond = mods.policy.encode_conditioning(train_model, tiny_models.conditioning(kind, seed=3), None, 1, x.shape)
+    cond = mods.conditioning.encode_conditioning(train_model, tiny_models.conditioning(kind, seed=3), None, 1, x.shape)
     sigma = torch.full((1,), 0.5)
     with torch.inference_mode():
         per_forward = policy.velocity(x, sigma, cond)
-        with mods.policy.merged_lora_weights(train_model):
+        with mods.adapters.merged_lora_weights(train_model):
             swapped = policy.velocity(x, sigma, cond)
             assert len(probe.adapted) > 0 and all(
                 len(m.weight_function) == 0 and a.swapped is not None and m.weight is a.swapped.merged
@@ -564,7 +565,7 @@ def test_a_reload_inside_the_rollout_applies_the_lora_once(mods, run_node, base_
 
     train_model, probe, before, policy, x, sigma, cond = swap_case(mods, run_node, base_model, "swap_reload",
                                                                    seed=1, sigma=0.4, tokens=5)
-    with torch.inference_mode(), mods.policy.merged_lora_weights(train_model):
+    with torch.inference_mode(), mods.adapters.merged_lora_weights(train_model):
         first = policy.velocity(x, sigma, cond)
         merged = [m.weight for m, _ in probe.adapted]
         comfy.model_management.unload_all_models()
@@ -590,7 +591,7 @@ def test_a_partially_loaded_model_keeps_comfyuis_casts_and_the_merged_cache(mods
             full = policy.velocity(x, sigma, cond)  # loads the model fully
             assert train_model.partially_unload(train_model.offload_device, train_model.model_size() // 2) > 0
             assert train_model.model.model_lowvram
-            with mods.policy.merged_lora_weights(train_model):
+            with mods.adapters.merged_lora_weights(train_model):
                 partial = policy.velocity(x, sigma, cond)
                 assert all(a.swapped is None and len(a.merged) == 1 and a in m.weight_function
                            for m, a in probe.adapted)

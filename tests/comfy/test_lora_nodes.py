@@ -29,6 +29,7 @@ def mods(flowgrpo_pack):
     pkg = flowgrpo_pack.package
     return SimpleNamespace(io=importlib.import_module(f"{pkg}.nodes.lora_io"),
                            policy=importlib.import_module(f"{pkg}.nodes.comfy_policy"),
+                           conditioning=importlib.import_module(f"{pkg}.nodes.conditioning"),
                            state=importlib.import_module(f"{pkg}.nodes.state"))
 
 
@@ -141,7 +142,7 @@ def _train_step(mods, trainer, i):
     """One AdamW step on a made-up loss through the trainer's LoRA; returns the advanced state."""
     P = mods.policy
     policy = P.ComfyFlowPolicy(trainer.patcher)
-    cond = P.encode_conditioning(trainer.patcher, tiny_models.conditioning("flux", seed=3), None, 2,
+    cond = mods.conditioning.encode_conditioning(trainer.patcher, tiny_models.conditioning("flux", seed=3), None, 2,
                                  tiny_models.latent_shape("flux", 2))
     x = tiny_models.random_latent("flux", batch=2, seed=20 + i)
     with policy.training():
