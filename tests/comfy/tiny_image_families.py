@@ -307,6 +307,16 @@ BOOGU = family("Boogu", fixed({
 """Boogu-Image (OmniGen2 derivative: hidden 3360, 8 dual-stream + 32 single-stream layers, 28 heads / 7 kv heads,
 instruction features 4096): hidden 64, 1 + 1 layers, 2 heads / 1 kv head, context 48 with its attention mask."""
 
+PIXELDIT = family("PixelDiTT2I", fixed({
+    "image_model": "pixeldit_t2i", "in_channels": 3, "num_groups": 2, "hidden_size": 64, "pixel_hidden_size": 8,
+    "pixel_attn_hidden_size": 32, "pixel_num_groups": 2, "patch_depth": 1, "pixel_depth": 1, "patch_size": 16,
+    "txt_embed_dim": 48, "txt_max_length": 16,
+}), cond(48, attention_mask=TEXT_MASK), size=32)
+"""PixelDiT T2I (pixel space: 16x16 patches, hidden 1536 with 24 heads over 14 patch blocks, per-pixel blocks of
+width 16 / attention 1152, Gemma-2 2304 context up to 300 tokens): hidden 64, 2 heads, 1 patch block and 1 pixel
+block (width 8, attention 32), context 48 up to 16 tokens, 32x32 RGB images."""
+
+
 KANDINSKY5_IMAGE = family("Kandinsky5Image", fixed({
     "image_model": "kandinsky5", "in_visual_dim": 16, "out_visual_dim": 16, "in_text_dim": 64, "in_text_dim2": 32,
     "time_dim": 32, "model_dim": 64, "ff_dim": 128, "visual_embed_dim": 64, "patch_size": (1, 2, 2),
@@ -319,7 +329,7 @@ dim 64, 1 + 1 blocks, context 64, pooled 32."""
 FAMILIES: list[TinyFamily] = [
     SD3, FLUX, FLUX_SCHNELL, CHROMA, FLUX2, QWEN_IMAGE, ZIMAGE, LUMINA2, HIDREAM, AURA_FLOW, LONGCAT_IMAGE,
     HUNYUAN_IMAGE21, OMNIGEN2, CHROMA_RADIANCE, KANDINSKY5_IMAGE, ERNIE_IMAGE, KREA2, JOY_IMAGE,
-    MAGE_FLOW, BOOGU, LENS, ZIMAGE_PIXEL, FLUX_INPAINT, HUNYUAN_IMAGE21_REFINER,
+    MAGE_FLOW, BOOGU, LENS, ZIMAGE_PIXEL, PIXELDIT, FLUX_INPAINT, HUNYUAN_IMAGE21_REFINER,
 ]
 
 _AUDIO = "audio model: its latents are audio, which an image reward cannot score"
@@ -331,6 +341,13 @@ _PERCEPTION = "perception model: it segments, detects or estimates depth, it doe
 NOT_BUILT: dict[str, str] = {
     "Ideogram4": "supported_models.Ideogram4.unet_extra_config forces the full widths over any config (18 heads "
                  "of 256, MLP 12288, LLM features 53248): its LLM projection alone is 53248 x 4608 = 245M weights",
+    "Anima": "its LLM adapter (a 32128 x 1024 token embedding and 6 blocks of width 1024: 135M weights) has fixed "
+             "sizes that no unet_config shrinks",
+    "HiDreamO1": "its conditioning is token ids (text_input_ids) read by its own Qwen3-VL language model (36 layers of "
+                 "4096, vocabulary 151936) and vision tower; a tiny one needs text and vision config overrides not "
+                 "attempted here",
+    "PiD": "pixel diffusion decoder: it decodes and 4x upscales another model's latent (lq_latent from "
+           "PiDConditioning), so its output is fixed by that latent rather than generated from a prompt",
     "ACEStep": _AUDIO,
     "ACEStep15": _AUDIO,
     "StableAudio3": _AUDIO,
