@@ -93,21 +93,42 @@ def _make_adapter(weight: torch.Tensor, rank: int, alpha: float, generator: torc
     return adapter
 
 
+def _is_inference(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain inference tensor. Wrapper subclasses (quantized weights of 2026 runtimes' mixed
+    precision ops) stay as loaded: ComfyUI moves them only inside inference mode, and autograd saves their
+    dequantized copy, not them."""
+    return type(t) in (torch.Tensor, nn.Parameter) and t.is_inference()
+
+
 def make_inference_params_trainable_(module: nn.Module) -> int:
-    """Replace every parameter and buffer of ``module`` that is an inference tensor by a normal clone (same values,
-    ``requires_grad=False``), so that autograd may save it for backward (RMSNorm scales, ...); returns how many."""
+    """Replace every parameter and buffer of ``module`` that is a plain inference tensor by a normal clone (same
+    values, ``requires_grad=False``), so that autograd may save it for backward (RMSNorm scales, ...); returns how
+    many."""
     count = 0
     with torch.inference_mode(False):
         for m in module.modules():
             for name, p in list(m._parameters.items()):
-                if p is not None and p.is_inference():
+                if p is not None and _is_inference(p):
                     m._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
                     count += 1
             for name, b in list(m._buffers.items()):
-                if b is not None and b.is_inference():
+                if b is not None and _is_inference(b):
                     m._buffers[name] = b.clone()
                     count += 1
     return count
+
+
+def _refuse_scaled_weights(diffusion_model: nn.Module, names: list[str]) -> None:
+    """ValueError for target layers whose weight is stored scaled (ComfyUI's scaled-fp8 / mixed-precision quantized
+    checkpoint formats): ComfyUI applies weight adapters there before the layer's scale (0.3.x) or moves the
+    quantized weights only in inference mode (2026 runtimes), so the LoRA would train on a different weight than
+    the one stock loaders patch."""
+    for name in names:
+        module = diffusion_model.get_submodule(name)
+        if type(module.weight) not in (torch.Tensor, nn.Parameter) or getattr(module, "scale_weight", None) is not None:
+            raise ValueError(f"this model's weights are stored in a scaled / quantized format ({name}: "
+                             f"{type(module).__qualname__}), which FlowGRPO does not train on yet; load a bf16/fp16 "
+                             "file, with UNETLoader's weight_dtype fp8_e4m3fn to keep the base in fp8")
 
 
 def attach_trainable_lora(model_patcher: Any, rank: int = 8, alpha: float = 8.0, targets: str = "attention",
@@ -122,6 +143,7 @@ def attach_trainable_lora(model_patcher: Any, rank: int = 8, alpha: float = 8.0,
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     names = lora_target_names(model_patcher.model, targets)
+    _refuse_scaled_weights(model_patcher.model.diffusion_model, names)
 
     patcher = model_patcher.clone()
     lora_params: dict[str, torch.Tensor] = {}

@@ -82,10 +82,11 @@ def transformer_blocks(diffusion_model: nn.Module) -> list[tuple[str, nn.Module]
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """A ComfyUI Linear layer (``comfy.ops``: weight functions, a 2-D weight)."""
+    """A ComfyUI Linear layer: a ``comfy.ops`` ``Linear`` (it has weight functions) with a 2-D weight. Quantized
+    layers (2026 runtimes' mixed-precision ops) are ``Linear`` classes that do not derive from ``nn.Linear``."""
     weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and hasattr(module, "weight_function") and weight is not None \
-        and weight.dim() == 2
+    return (isinstance(module, nn.Linear) or type(module).__name__ == "Linear") \
+        and hasattr(module, "weight_function") and weight is not None and weight.dim() == 2
 
 
 def lora_target_names(base_model: Any, targets: str = "attention") -> list[str]:

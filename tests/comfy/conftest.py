@@ -187,3 +187,13 @@ def comfy_server_factory(comfyui_root, comfy_home, tiny_sd3_file, tiny_clip_file
 def comfy_client(comfy_server):
     with ComfyClient(comfy_server.url) as c:
         yield c
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The per-family results of test_every_flow_family, when it ran."""
+    import model_families
+
+    if model_families.REPORT:
+        terminalreporter.section("flow-matching families on this ComfyUI")
+        for line in model_families.REPORT:
+            terminalreporter.write_line(line)

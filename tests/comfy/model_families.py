@@ -41,6 +41,10 @@ class TinyFamily:
     video: bool = False
 
 
+#: lines test_every_flow_family leaves for the end-of-run summary (conftest.pytest_terminal_summary prints them)
+REPORT: list[str] = []
+
+
 class Unbuildable(Exception):
     """This runtime cannot build the family tiny; the message says why."""
 
