@@ -159,7 +159,8 @@ class FlowGRPOLoadRewardModel(io.ComfyNode):
                                tooltip="The reward. Weight-free: jpeg_(in)compressibility (minus/plus the JPEG kB), "
                                        "brightness, saturation, redness. Models: hpsv2 / hpsv2.1 (human preference), "
                                        "pickscore, aesthetic (LAION v2), clip_score (transformers CLIP) / clip_score_open_clip, image_reward, ocr (quoted text "
-                                       "rendered correctly), geneval (objects, counts, colours, positions). user:* "
+                                       "rendered correctly), geneval (objects, counts, colours, positions), input_similarity (image "
+                                       "editing: closeness to each sample's input image). user:* "
                                        "are .py files in models/reward_scripts. Higher is better."),
                 io.Combo.Input("weights", options=weights_options(), default=DEFAULT_WEIGHTS,
                                tooltip="Weights file or folder in models/reward_models; (default): the backend's "

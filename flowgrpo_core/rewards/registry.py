@@ -86,5 +86,5 @@ def _register_builtin() -> None:
 
 
 #: Backend modules, in the order their backends are offered.
-_BUILTIN = ("hps", "hf_clip", "aesthetic", "image_reward", "ocr", "geneval", "open_clip_models")
+_BUILTIN = ("hps", "hf_clip", "aesthetic", "image_reward", "ocr", "geneval", "open_clip_models", "edit")
 _register_builtin()
