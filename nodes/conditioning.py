@@ -27,6 +27,22 @@ def _on_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _reference_latents(base_model: Any, params: dict, prompt_type: str) -> list:
+    """An edit conditioning's ``reference_latents`` with image latents ``[B, C, H, W]`` given a frame axis for models
+    with 3-D latents (as ``comfy.sample.fix_empty_latent_channels`` does for the sampled latent). ValueError when
+    the model's ``extra_conds`` ignores them (not an edit model: the images would silently change nothing)."""
+    dims = getattr(getattr(base_model, "latent_format", None), "latent_dimensions", 2)
+    latents = [lat.unsqueeze(2) if dims == 3 and isinstance(lat, torch.Tensor) and lat.dim() == 4 else lat
+               for lat in params["reference_latents"]]
+    without = {k: v for k, v in params.items() if k != "reference_latents"}
+    if base_model.extra_conds(**without).keys() == base_model.extra_conds(**without, reference_latents=latents).keys():
+        raise ValueError(f"the {prompt_type} CONDITIONING carries reference images (reference_latents: edit images "
+                         f"from FlowGRPO Prompt Source or ReferenceLatent) but this model "
+                         f"({type(base_model).__name__}) does not read them, so they would change nothing. Fix: "
+                         "train an edit model (Qwen-Image-Edit, FLUX Kontext), or disconnect the edit images")
+    return latents
+
+
 def _encode_one(base_model: Any, conditioning: list, prompt_type: str, latent_shape: tuple, batch_size: int,
                 device: torch.device) -> dict[str, Any]:
     import comfy.sampler_helpers
@@ -44,6 +60,8 @@ def _encode_one(base_model: Any, conditioning: list, prompt_type: str, latent_sh
     params.setdefault("width", latent_shape[-1] * 8)
     params.setdefault("height", latent_shape[-2] * 8)
     model_conds = dict(entry["model_conds"])
+    if params.get("reference_latents") is not None:
+        params["reference_latents"] = _reference_latents(base_model, params, prompt_type)
     model_conds.update(base_model.extra_conds(**params))
     return {k: _on_device(c.process_cond(batch_size=batch_size, area=None, device=device).cond, device)
             for k, c in model_conds.items()}

@@ -12,6 +12,10 @@ joint text-image attention, where repeated text tokens carry more weight; ComfyU
 lengths for those models. Prompts that encode to the same length (the usual case: CLIP pads to 77 tokens, T5 to its
 minimum length) are batched exactly.
 
+Image editing: each prompt may carry an input image (the ``images`` input, or ``"image"`` paths in ``.jsonl``
+records), VAE-encoded into both conditionings as ``reference_latents`` and put into each sample's metadata
+(:mod:`.edit_images`).
+
 Helpers for other nodes: :func:`read_prompts`, :func:`encode_text`, :func:`batch_conditionings`,
 :func:`encode_prompt_batch`.
 """
@@ -35,6 +39,7 @@ from ..flowgrpo_core.prompts import (
     load_prompt_file,
     parse_prompt_lines,
 )
+from .edit_images import EditImages, edit_images, with_reference_latents
 from .state import GROUPS, PromptBatch, node_error
 
 __all__ = [
@@ -218,21 +223,26 @@ def _with_guidance(conditioning: list, guidance: float) -> list:
 
 def encode_prompt_batch(clip: Any, prompts: list[str], negative_prompt: str, prompts_per_iteration: int,
                         group_size: int, iteration: int, seed: int, flux_guidance: float,
-                        node: str = NODE_NAME, cache: Optional[EncodingCache] = None) -> tuple[list, list, PromptBatch]:
+                        node: str = NODE_NAME, cache: Optional[EncodingCache] = None,
+                        edit: Optional[EditImages] = None) -> tuple[list, list, PromptBatch]:
     """Draw the prompts of ``iteration`` and encode them: ``(positive, negative, PromptBatch)``.
 
     ``GroupSampler(len(prompts), P, G, seed, rank=0, world_size=1).sample(iteration)`` picks the prompts; each
     distinct text is encoded once (:func:`encode_text`). ``positive``: ``[[cond [B, T, C], {...}]]`` with
     ``B = P * G`` rows in sample order; ``negative``: ``negative_prompt`` encoded once and repeated to ``B`` rows.
     Both carry ``guidance = flux_guidance`` (read by FLUX-family models, ignored by others). Node errors name
-    ``node``. A ``cache`` keeps the encodings across calls (the all-in-one train loop holds one per run).
+    ``node``. A ``cache`` keeps the encodings across calls (the all-in-one train loop holds one per run). With
+    ``edit`` (:func:`.edit_images.edit_images`) the drawn prompts' input images are VAE-encoded into both
+    conditionings as ``reference_latents`` and ride in each sample's metadata (``input_image``); prompts are then
+    distinct per (text, image) pair.
     """
     if clip is None:
         raise node_error(node, "the clip input is empty (None)",
                          "connect the CLIP output of a loader for your model (Load CLIP, DualCLIPLoader, "
                          "Load Checkpoint)")
     try:
-        check_prompt_counts(len(set(prompts)), int(prompts_per_iteration), int(group_size))
+        distinct = len(set(prompts)) if edit is None else edit.distinct()
+        check_prompt_counts(distinct, int(prompts_per_iteration), int(group_size))
         sampler = GroupSampler(len(prompts), int(prompts_per_iteration), int(group_size), int(seed),
                                rank=0, world_size=1)
         batch = sampler.sample(int(iteration))
@@ -241,10 +251,17 @@ def encode_prompt_batch(clip: Any, prompts: list[str], negative_prompt: str, pro
     except ValueError as exc:
         raise node_error(node, str(exc), "check prompts_per_iteration, group_size and iteration") from None
 
-    chosen = [prompts[i] for i in batch.prompts.tolist()]
+    drawn = batch.prompts.tolist()
+    chosen = [prompts[i] for i in drawn]
     positive, negative = encode_texts(clip, chosen, negative_prompt, batch.group_size, flux_guidance, node, cache)
     indices = tuple(batch.prompt_indices.tolist())
-    groups = PromptBatch(texts=tuple(prompts[i] for i in indices), group_ids=batch.group_ids.clone(),
+    texts = tuple(prompts[i] for i in indices)
+    if edit is not None:
+        latents, images = edit.encode(drawn)
+        positive = with_reference_latents(positive, latents, batch.group_size)
+        negative = with_reference_latents(negative, latents, batch.group_size)
+        texts = tuple(edit.prompt(prompts, i, images[i]) for i in indices)
+    groups = PromptBatch(texts=texts, group_ids=batch.group_ids.clone(),
                          prompt_indices=indices, iteration=batch.iteration, group_size=batch.group_size)
     return positive, negative, groups
 
@@ -296,7 +313,8 @@ class FlowGRPOPromptSource(io.ComfyNode):
                 "Draws prompts_per_iteration prompts for this iteration from a prompt list and encodes them with "
                 "the CLIP, each repeated group_size times in a row: the GRPO groups. Connect positive/negative to a "
                 "sampler with a latent batch of prompts_per_iteration x group_size, and groups to the rollout/reward "
-                "nodes."
+                "nodes. For image editing, give each prompt an input image (images + vae, or \"image\" in .jsonl "
+                "records)."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip=(
@@ -327,6 +345,15 @@ class FlowGRPOPromptSource(io.ComfyNode):
                 io.Float.Input("flux_guidance", default=3.5, min=0.0, max=100.0, step=0.1, tooltip=(
                     "Distilled guidance written into the conditioning, as FluxGuidance does. Read by FLUX-family "
                     "models, ignored by SD3 and Qwen-Image.")),
+                io.Image.Input("images", optional=True, tooltip=(
+                    "Image editing: the input image of each prompt, one per prompt in the order of the prompt list "
+                    "(a batch), or one image for every prompt (Load Image). Encoded with vae into the conditionings "
+                    "as reference latents (as ReferenceLatent / TextEncodeQwenImageEdit pass them) for edit models "
+                    "(Qwen-Image-Edit, FLUX Kontext); rewards get it as metadata input_image. Instead, .jsonl "
+                    "records may name an \"image\" file in the input folder.")),
+                io.Vae.Input("vae", optional=True, tooltip=(
+                    "The VAE of the edit model; encodes the input images (images input or \"image\" fields). "
+                    "Not needed without edit images.")),
             ],
             outputs=[
                 io.Conditioning.Output("positive", display_name="positive", tooltip=(
@@ -354,11 +381,14 @@ class FlowGRPOPromptSource(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, prompts: str, prompt_file: str, negative_prompt: str, prompts_per_iteration: int,
-                group_size: int, iteration: int, seed: int, flux_guidance: float) -> io.NodeOutput:
+                group_size: int, iteration: int, seed: int, flux_guidance: float, images=None,
+                vae=None) -> io.NodeOutput:
         # encode_prompt_batch re-checks group_size >= 2 etc.: API prompts bypass the widget minimums
         texts = read_prompts(prompts, prompt_file, NODE_NAME)
+        edit = edit_images(texts, images, vae, NODE_NAME)
         positive, negative, groups = encode_prompt_batch(clip, texts, negative_prompt, prompts_per_iteration,
-                                                         group_size, iteration, seed, flux_guidance, NODE_NAME)
+                                                         group_size, iteration, seed, flux_guidance, NODE_NAME,
+                                                         edit=edit)
         chosen = "\n".join(groups.texts[::groups.group_size])
         return io.NodeOutput(positive, negative, groups, chosen)
 
