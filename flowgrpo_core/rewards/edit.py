@@ -2,7 +2,8 @@
 
 An edit run's prompt source puts the image a sample was edited from into the sample's metadata as
 ``metadata["input_image"]``: ``[H, W, 3]`` (or ``[H, W, C>=3]``) float in ``[0, 1]``, ComfyUI's IMAGE layout
-without the batch dimension. Rewards here compare the output with it.
+without the batch dimension (through a reward server: a base64 PNG string, :func:`.remote.json_metadata`). Rewards
+here compare the output with it.
 
 ``input_similarity``: ``1 - mean |output - input|`` over the RGB pixels, the input resized (bilinear, no crop) to the
 output's size; 1 for an unchanged image, lower the more the edit changed. Weighted against an instruction-following
@@ -37,6 +38,14 @@ def input_images(metadata: Optional[Sequence[dict]], batch: int, reward: str) ->
         image = meta.get(INPUT_IMAGE_KEY) if isinstance(meta, dict) else None
         if image is None:
             raise ValueError(f"reward {reward!r}: sample {i} has no {INPUT_IMAGE_KEY!r} in its metadata. Fix: {how}")
+        if isinstance(image, str):  # through a reward server: a base64 PNG (remote.json_metadata)
+            from .remote import decode_images
+
+            try:
+                image = decode_images([image])[0]
+            except ValueError as e:
+                raise ValueError(f"reward {reward!r}: the input image of sample {i} is a string but not a base64 "
+                                 f"PNG ({e}). Fix: send it as the flowgrpo reward client does") from None
         image = torch.as_tensor(image)
         if image.dim() != 3 or image.shape[-1] < 3:
             raise ValueError(f"reward {reward!r}: the input image of sample {i} has shape {tuple(image.shape)}, not "

@@ -11,7 +11,9 @@ Wire protocol (JSON only, never pickle: unpickling runs code, and server URLs tr
   the ``"max"``), 500 (backend failure), 503 (the server is busy; ``Retry-After`` says when to retry).
 
 Images travel as 8-bit RGB PNG, ``round(x * 255)`` of the first three channels, so a remote score equals the local
-score of the 1/255-quantised image. The client only touches the network inside :meth:`RemoteReward.score`.
+score of the 1/255-quantised image. Image tensors ``[H, W, C>=3]`` inside the metadata (an image-edit run's
+``input_image``) travel the same way, as a base64 PNG string in their place (:func:`json_metadata`). The client only
+touches the network inside :meth:`RemoteReward.score`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from .base import RewardBackend, RewardResult
 from .images import ImageLimits, decode_png_batch
 
-__all__ = ["RemoteRewardError", "RemoteReward", "encode_images", "decode_images", "API_KEY_HEADER"]
+__all__ = ["RemoteRewardError", "RemoteReward", "encode_images", "decode_images", "json_metadata", "API_KEY_HEADER"]
 
 API_KEY_HEADER = "X-API-Key"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -64,6 +66,24 @@ def decode_images(encoded: Sequence[str], limits: ImageLimits = ImageLimits()) -
     ``limits`` (checked from the PNG headers before decoding; see :func:`.images.decode_png_batch`, which the server
     uses to keep the batch as uint8)."""
     return decode_png_batch(encoded, limits).float().div_(255.0)
+
+
+def json_metadata(metadata: Optional[Sequence[Any]]) -> Optional[list]:
+    """``metadata`` with every image tensor ``[H, W, C>=3]`` in it (an edit run's ``input_image``) replaced by a base64
+    PNG string as the images travel (8-bit RGB; :func:`decode_images` reads it back); the same tensor is encoded
+    once. Other values are left for ``json.dumps``."""
+    if metadata is None:
+        return None
+    done: dict[int, str] = {}
+
+    def value(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] >= 3:
+            if id(v) not in done:
+                done[id(v)] = encode_images(v[None])[0]
+            return done[id(v)]
+        return v
+
+    return [{k: value(v) for k, v in m.items()} if isinstance(m, dict) else m for m in metadata]
 
 
 class _Retryable(Exception):
@@ -135,7 +155,7 @@ class RemoteReward(RewardBackend):
                      metadata: Optional[list]) -> tuple[list[float], dict[str, list]]:
         encoded = encode_images(images)
         try:
-            body = json.dumps({"images": encoded, "prompts": prompts, "metadata": metadata},
+            body = json.dumps({"images": encoded, "prompts": prompts, "metadata": json_metadata(metadata)},
                               allow_nan=False).encode("utf-8")
         except (TypeError, ValueError) as e:
             raise self._fail(f"the metadata cannot be sent as JSON ({e})",
