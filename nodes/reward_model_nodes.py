@@ -17,12 +17,13 @@ from comfy_api.latest import io, ui
 
 from ..flowgrpo_core.prompts import prompt_metadata
 from ..flowgrpo_core.rewards import RemoteReward, RewardBackend
+from ..flowgrpo_core.rewards.clips import ClipReward, clip_reward
 from ..flowgrpo_core.rewards.registry import MissingDependencyError
 from ..flowgrpo_core.rewards.weights import MissingWeightsError, WeightsFormatError
 from ..flowgrpo_core.profiling import PhaseTimer
 from .always_run import AlwaysRun
 from .reward_loading import DEFAULT_WEIGHTS, DEVICES, DTYPES, backend_options, build_reward, weights_options
-from .reward_nodes import images_as_batch
+from .reward_nodes import clips_of
 from .state import GROUPS, REWARDS, NodeInputError, PromptBatch, Rewards, node_error
 
 __all__ = ["REWARD_MODEL", "load_reward_model", "prompts_for", "score_images", "summarize",
@@ -61,39 +62,44 @@ def load_reward_model(backend: str, weights: str = DEFAULT_WEIGHTS, device: str 
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def prompts_for(backend: RewardBackend, groups: Optional[PromptBatch], images: torch.Tensor,
+def prompts_for(backend: RewardBackend | ClipReward, groups: Optional[PromptBatch], samples: int,
                 node: str = SCORE_NODE) -> list[str]:
-    """One prompt per frame of ``images`` (IMAGE ``[B, H, W, C]`` or a decode ``[B, T, H, W, C]``, whose ``T`` frames
-    of a sample share its prompt); ``""`` for every frame without groups (a node error if the backend needs them)."""
-    frames = images_as_batch(images).shape[0]
+    """One prompt per sample (``samples`` of them); ``""`` for every sample without groups (a node error if the
+    backend needs them)."""
     if groups is None:
         if backend.needs_prompt:
             raise node_error(node, f"reward {backend.name!r} scores images against their prompts, but no "
-                                         "groups are connected",
+                                   "groups are connected",
                              "connect the groups output of FlowGRPO Prompt Source (the same one the sampler uses)")
-        return [""] * frames
+        return [""] * samples
     texts = list(groups.texts)
-    per_sample = images.shape[1] if images.dim() == 5 else 1
-    if len(texts) * per_sample != frames:
-        raise node_error(node, f"groups hold {len(texts)} prompts but the images are {frames} frames "
-                                     f"(shape {tuple(images.shape)})",
+    if len(texts) != samples:
+        raise node_error(node, f"groups hold {len(texts)} prompts but the images are {samples} samples",
                          "connect the groups of the rollout these images were decoded from")
-    return [text for text in texts for _ in range(per_sample)]
+    return texts
 
 
-def score_images(backend: RewardBackend, images: torch.Tensor, groups: Optional[PromptBatch] = None,
+def score_images(backend: RewardBackend | ClipReward, images: torch.Tensor, groups: Optional[PromptBatch] = None,
                  name: str = "", scale: float = 1.0, node: str = SCORE_NODE) -> Rewards:
-    """``Rewards`` of ``scale * backend.score(images, prompts, metadata)`` with one component ``name`` (empty: the
-    backend's name); ``metadata`` is the prompts' JSONL records (:class:`~flowgrpo_core.prompts.Prompt`), if any.
-    A backend's ValueError (a bad batch, an unreachable server, ...) becomes a node error with its message."""
-    if not isinstance(backend, RewardBackend):
+    """``Rewards`` of ``scale *`` the backend's score of each sample, with one component ``name`` (empty: the
+    backend's name). A sample is a clip (:func:`~.reward_nodes.clips_of`: a decode ``[B, T, H, W, C]``, or with
+    ``groups`` an IMAGE batch of ``B * T`` frames; an image is a one-frame clip): a :class:`ClipReward` scores it
+    whole, an image reward as the mean over its frames. ``metadata`` is the prompts' JSONL records
+    (:class:`~flowgrpo_core.prompts.Prompt`), if any. A backend's ValueError (a bad batch, an unreachable server,
+    ...) becomes a node error with its message."""
+    if not isinstance(backend, (RewardBackend, ClipReward)):
         raise node_error(node, f"reward_model is a {type(backend).__name__}, not a reward backend",
                          "connect FlowGRPO Load Reward Model or FlowGRPO Reward Server")
-    prompts = prompts_for(backend, groups, images, node)
+    if groups is not None and images.dim() == 5 and images.shape[0] != groups.batch_size:
+        raise node_error(node, f"groups hold {groups.batch_size} prompts but the images are {images.shape[0]} "
+                               f"samples (shape {tuple(images.shape)})",
+                         "connect the groups of the rollout these images were decoded from")
+    clips = clips_of(images, None if groups is None else groups.batch_size, node)
+    prompts = prompts_for(backend, groups, clips.shape[0], node)
     timer = PhaseTimer(getattr(backend, "device", None))
     try:
         with timer.phase("reward"):
-            scores = backend.score(images_as_batch(images), prompts, prompt_metadata(prompts)).scores
+            scores = clip_reward(backend).score_clips(clips, prompts, prompt_metadata(prompts)).scores
     except NodeInputError:
         raise
     except ValueError as e:  # includes RemoteRewardError; the message names the problem and the fix
@@ -230,13 +236,16 @@ class FlowGRPOScoreImages(AlwaysRun):
             node_id="FlowGRPOScoreImages",
             display_name=SCORE_NODE,
             category="FlowGRPO/rewards",
-            description="Scores each image with a reward model or server. Higher is better.",
+            description="Scores each image with a reward model or server. Higher is better. Video: each sample's "
+                        "frames are scored and averaged into one reward per sample (connect the groups).",
             inputs=[
                 io.Custom(REWARD_MODEL).Input("reward_model", tooltip=_REWARD_MODEL_TOOLTIP),
                 io.Image.Input("images", tooltip="Decoded rollout images (VAEDecode of the rollout's LATENT)."),
                 io.Custom(GROUPS).Input("groups", optional=True,
                                         tooltip="FlowGRPO Prompt Source's groups: the prompt of each image. Needed "
-                                                "by rewards that read prompts; without it prompts are empty."),
+                                                "by rewards that read prompts and for video (the frames of each "
+                                                "sample become one clip); without it prompts are empty and every "
+                                                "image is one sample."),
                 io.String.Input("name", default="",
                                 tooltip="Name of this reward component in metrics; empty: the backend's name."),
                 io.Float.Input("scale", default=1.0, min=-1000.0, max=1000.0, step=0.01,
@@ -244,9 +253,10 @@ class FlowGRPOScoreImages(AlwaysRun):
             ],
             outputs=[
                 io.Custom(REWARDS).Output(display_name="rewards",
-                                          tooltip="One score per image, for FlowGRPO GRPO Update."),
+                                          tooltip="One score per sample (per image, or per clip for video), for "
+                                                  "FlowGRPO GRPO Update."),
                 io.Float.Output(display_name="scores", is_output_list=True,
-                                tooltip="The same scores as a FLOAT list (one value per image)."),
+                                tooltip="The same scores as a FLOAT list (one value per sample)."),
                 io.String.Output(display_name="summary", tooltip="name: mean ± std (min .. max)."),
             ],
             is_output_node=True,

@@ -1,17 +1,24 @@
 """Reward nodes: IMAGE (+ prompt groups) -> ``FLOWGRPO_REWARDS``. Model-based rewards come with the reward issue;
-these weight-free ones make every training graph runnable today."""
+these weight-free ones make every training graph runnable today.
+
+Video: a rollout's sample is a clip. VAEDecode gives its frames one after another (``B * T`` images); with the
+prompt groups connected the reward node regroups them per sample (:func:`clips_of`) and scores each clip as the mean
+of the image reward over its frames (:class:`~flowgrpo_core.rewards.clips.FrameMean`): one reward per sample."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from comfy_api.latest import io
 
 from ..flowgrpo_core.grpo import ADVANTAGE_MODES, aggregate_rewards
 from ..flowgrpo_core.profiling import PhaseTimer
+from ..flowgrpo_core.rewards.clips import FrameMean, frames_as_clips
 from ..flowgrpo_core.rewards.simple import SIMPLE_REWARDS, SimpleReward
-from .state import REWARDS, Rewards, node_error
+from .state import GROUPS, REWARDS, Rewards, node_error
 
-__all__ = ["images_as_batch", "compute_simple_reward", "combine_rewards", "FlowGRPOSimpleReward",
+__all__ = ["images_as_batch", "clips_of", "compute_simple_reward", "combine_rewards", "FlowGRPOSimpleReward",
            "FlowGRPOCombineRewards", "NODES"]
 
 NODE = "FlowGRPO Simple Reward"
@@ -22,14 +29,27 @@ def images_as_batch(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(-1, *images.shape[-3:]) if images.dim() == 5 else images
 
 
-def compute_simple_reward(kind: str, images: torch.Tensor, scale: float = 1.0, node: str = NODE) -> Rewards:
-    """``Rewards`` of ``scale *`` the :class:`SimpleReward` backend's scores; its checks (shape, NaN or inf scores)
-    become node errors."""
-    images = images_as_batch(images)
+def clips_of(images: torch.Tensor, samples: Optional[int], node: str = NODE) -> torch.Tensor:
+    """The clips ``[B, T, H, W, C]`` of ``images``: a decode ``[B, T, H, W, C]`` as it is, an IMAGE batch of
+    ``B * T`` frames as ``samples`` clips (``samples`` None: one image per sample); a node error when the frames do
+    not split into ``samples`` equal clips."""
+    try:
+        return frames_as_clips(images, samples)
+    except ValueError as e:
+        raise node_error(node, f"{e} (images of shape {tuple(images.shape)})",
+                         "connect the images decoded from this rollout's LATENT and the groups of the same "
+                         "rollout") from None
+
+
+def compute_simple_reward(kind: str, images: torch.Tensor, scale: float = 1.0, node: str = NODE,
+                          samples: Optional[int] = None) -> Rewards:
+    """``Rewards`` of ``scale *`` the :class:`SimpleReward` backend's scores, one per clip (:func:`clips_of`: the
+    mean over a sample's frames); its checks (shape, NaN or inf scores) become node errors."""
+    clips = clips_of(images, samples, node)
     timer = PhaseTimer(images.device)
     try:
         with timer.phase("reward"):
-            scores = SimpleReward(kind).score(images, [""] * images.shape[0]).scores
+            scores = FrameMean(SimpleReward(kind)).score_clips(clips, [""] * clips.shape[0]).scores
     except ValueError as e:
         raise node_error(node, str(e), "check the decoded images (NaN pixels come from a diverged model: lower the "
                          "learning rate)") from None
@@ -67,15 +87,21 @@ class FlowGRPOSimpleReward(io.ComfyNode):
                                        "reward); brightness / saturation: colour statistics in [0, 1]; redness: mean of R - (G + B) / 2, in [-1, 1]."),
                 io.Float.Input("scale", default=1.0, min=-1000.0, max=1000.0, step=0.01,
                                tooltip="Multiplies the score (a negative scale turns a reward into a penalty)."),
+                io.Custom(GROUPS).Input("groups", optional=True,
+                                        tooltip="FlowGRPO Prompt Source's groups (video: needed). With them the "
+                                                "frames of each sample are scored as one clip: the mean of the "
+                                                "reward over its frames. Without them every image is one sample."),
             ],
             outputs=[io.Custom(REWARDS).Output(display_name="rewards",
-                                               tooltip="One score per image, for FlowGRPO GRPO Update.")],
+                                               tooltip="One score per sample (per image, or per clip for video), "
+                                                       "for FlowGRPO GRPO Update.")],
             not_idempotent=True,
         )
 
     @classmethod
-    def execute(cls, images, reward, scale) -> io.NodeOutput:
-        return io.NodeOutput(compute_simple_reward(reward, images, scale))
+    def execute(cls, images, reward, scale, groups=None) -> io.NodeOutput:
+        samples = None if groups is None else groups.batch_size
+        return io.NodeOutput(compute_simple_reward(reward, images, scale, samples=samples))
 
 
 COMBINE_NODE = "FlowGRPO Combine Rewards"

@@ -57,15 +57,19 @@ def test_load_and_score_match_the_core_reward(mods, run, backend):
     assert summary.endswith(f"({v.min().item():.4g} .. {v.max().item():.4g})")
 
 
-def test_score_flattens_decodes_names_components_and_spreads_prompts(mods, run):
+def test_score_averages_clip_frames_names_components_and_spreads_prompts(mods, run):
     (model,) = run("FlowGRPOLoadRewardModel", backend="saturation")
     video = _images(2, 3, 8, 8, 3, seed=1)  # [B, T, H, W, C]
     rewards, scores, summary = run("FlowGRPOScoreImages", reward_model=model, images=video,
                                         groups=_groups(mods, ["a", "b"]), name="colour", scale=1.0)
-    expected = mods.rewards.simple_reward("saturation", video.reshape(6, 8, 8, 3))
-    assert torch.equal(rewards.values, expected) and len(scores) == 6
+    expected = mods.rewards.simple_reward("saturation", video.reshape(6, 8, 8, 3)).reshape(2, 3).mean(dim=1)
+    torch.testing.assert_close(rewards.values, expected)
+    assert len(scores) == 2, "one reward per sample: the mean over its frames"
     assert rewards.components[0][0] == "colour" and summary.startswith("colour: ")
-    assert mods.nodes.prompts_for(model, _groups(mods, ["a", "b"]), video) == ["a"] * 3 + ["b"] * 3
+    assert mods.nodes.prompts_for(model, _groups(mods, ["a", "b"]), 2) == ["a", "b"]
+    flat, *_ = run("FlowGRPOScoreImages", reward_model=model, images=video.reshape(6, 8, 8, 3),
+                   groups=_groups(mods, ["a", "b"]), name="colour", scale=1.0)
+    torch.testing.assert_close(flat.values, expected)  # VAEDecode's B * T frames, regrouped by the groups
     with pytest.raises(mods.state.NodeInputError, match="FlowGRPO Score Images: groups hold 3 prompts"):
         run("FlowGRPOScoreImages", reward_model=model, images=video, groups=_groups(mods, ["a", "b", "c"]))
 
