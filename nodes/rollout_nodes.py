@@ -29,7 +29,7 @@ from .always_run import AlwaysRun
 from .state import GROUPS, ROLLOUT, PromptBatch, Rollout, node_error
 
 __all__ = ["SamplingSettings", "sampling_inputs", "sampling_settings", "random_window_range", "make_sigmas",
-           "run_rollout", "initial_noise", "FlowGRPOSDERollout", "NODES"]
+           "empty_latent", "frames_input", "run_rollout", "initial_noise", "FlowGRPOSDERollout", "NODES"]
 
 NODE = "FlowGRPO SDE Sampler (rollout)"
 ROLLOUT_KINDS = tuple(k for k in SDE_KINDS if k != "ode")
@@ -157,6 +157,14 @@ def make_sigmas(model: Any, steps: int, scheduler: str, shift: float) -> torch.T
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).float().cpu()
 
 
+def frames_input():
+    """The optional ``frames`` widget of the rollout and train nodes (video models)."""
+    return io.Int.Input("frames", optional=True, default=1, min=1, max=4096,
+                        tooltip="Video models (Wan, HunyuanVideo, ...): frames of each sample in pixels; the latent "
+                                "holds (frames - 1) / 4 + 1 of them for Wan. Image models: keep 1. Ignored when a "
+                                "latent is connected.")
+
+
 def _check_sigmas(sigmas: torch.Tensor, node: str) -> torch.Tensor:
     sigmas = sigmas.detach().float().cpu().reshape(-1)
     if sigmas.numel() < 3:
@@ -177,13 +185,38 @@ def _conditioning_batch(positive: list, node: str) -> int:
     return int(positive[0][0].shape[0])
 
 
-def _initial_latent(model: Any, batch: int, width: int, height: int, latent: Optional[dict], node: str):
+#: spatial ratios of latent formats on ComfyUI releases whose formats do not state one (0.3.75: its own
+#: Wan22ImageToVideoLatent divides by 16)
+_OLD_SPATIAL = {"Wan22": 16}
+
+
+def empty_latent(model: Any, batch: int, width: int, height: int, frames: int = 1, node: str = NODE) -> torch.Tensor:
+    """Zeros ``[B, C, h, w]`` (image models) or ``[B, C, t, h, w]`` (models with a time axis: video, and image
+    models that carry one, such as Qwen-Image) as the model's empty-latent nodes make them: ``C`` from its
+    ``latent_format``, ``h, w`` the pixel size over its spatial ratio (older formats do not say: 8, Wan 2.2 16),
+    ``t = (frames - 1) // r + 1`` for its temporal ratio ``r`` (4 where the format does not say: Wan, HunyuanVideo)."""
+    fmt = model.get_model_object("latent_format")
+    spatial = int(getattr(fmt, "spacial_downscale_ratio", _OLD_SPATIAL.get(type(fmt).__name__, 8)))
+    if width % spatial or height % spatial:
+        raise node_error(node, f"width {width} and height {height} must be multiples of {spatial} for this model",
+                         f"round them to multiples of {spatial}")
+    size = (height // spatial, width // spatial)
+    if getattr(fmt, "latent_dimensions", 2) != 3:
+        if frames != 1:
+            raise node_error(node, f"frames is {frames} but this model makes single images", "set frames to 1")
+        return torch.zeros(batch, fmt.latent_channels, *size)
+    temporal = int(getattr(fmt, "temporal_downscale_ratio", 4))
+    return torch.zeros(batch, fmt.latent_channels, (int(frames) - 1) // temporal + 1, *size)
+
+
+def _initial_latent(model: Any, batch: int, width: int, height: int, latent: Optional[dict], node: str,
+                    frames: int = 1):
     """The clean-side latent ``[B, C, (T,) h, w]`` in the model's space (zeros unless a LATENT is given)."""
     import comfy.sample
 
     fmt = model.get_model_object("latent_format")
     if latent is None:
-        samples = torch.zeros(batch, 4, height // 8, width // 8)
+        samples = empty_latent(model, batch, width, height, frames, node)
     else:
         samples = latent["samples"]
         if samples.shape[0] == 1 and batch > 1:
@@ -232,7 +265,8 @@ def initial_noise(shape: torch.Size, seed: int, iteration: int, groups: Optional
 
 
 def run_rollout(model: Any, positive: list, negative: Optional[list], settings: SamplingSettings, *, seed: int,
-                iteration: int = 0, width: int = 512, height: int = 512, latent: Optional[dict] = None,
+                iteration: int = 0, width: int = 512, height: int = 512, frames: int = 1,
+                latent: Optional[dict] = None,
                 sigmas: Optional[torch.Tensor] = None, groups: Optional[PromptBatch] = None, preview: bool = True,
                 node: str = NODE) -> tuple[Rollout, dict]:
     """Sample one batch with log-probs; returns ``(Rollout, LATENT)``. ``B`` = the positive conditioning's batch.
@@ -255,7 +289,7 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     if settings.cfg != 1.0 and negative is None:
         raise node_error(node, f"cfg {settings.cfg} needs a negative conditioning",
                          "connect the negative output of FlowGRPO Prompt Source, or set cfg to 1")
-    if width % 8 or height % 8:
+    if latent is None and (width % 8 or height % 8):
         raise node_error(node, f"width {width} and height {height} must be multiples of 8", "round them")
     grid = make_sigmas(model, settings.steps, settings.scheduler, settings.shift) if sigmas is None else sigmas
     grid = _check_sigmas(grid, node)
@@ -271,7 +305,7 @@ def run_rollout(model: Any, positive: list, negative: Optional[list], settings: 
     policy = ComfyFlowPolicy(model, cfg=settings.cfg, norm_rescale=settings.norm_rescale)
     device = model.load_device
     timer = PhaseTimer(device)
-    clean = _initial_latent(model, batch, width, height, latent, node)
+    clean = _initial_latent(model, batch, width, height, latent, node, frames)
     cond = encode_conditioning(model, positive, negative if settings.cfg != 1.0 else None, batch, clean.shape,
                                device=device)
     spec = RolloutSpec(kind=settings.sde_kind, noise_level=settings.noise_level, sigmas=grid.tolist(),
@@ -319,6 +353,7 @@ class FlowGRPOSDERollout(AlwaysRun):
                              tooltip="Image width in pixels (ignored when a latent is connected)."),
                 io.Int.Input("height", default=512, min=16, max=8192, step=16,
                              tooltip="Image height in pixels (ignored when a latent is connected)."),
+                frames_input(),
                 *sampling_inputs(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Run seed: the initial noise, the SDE noise and random step windows are drawn "
@@ -340,12 +375,13 @@ class FlowGRPOSDERollout(AlwaysRun):
     def execute(cls, model, positive, width, height, steps, scheduler, shift, sde_kind, noise_level, cfg,
                 norm_rescale, step_mode, train_fraction, window_size, window_start, window_shift_every,
                 micro_batch_size, seed, iteration, window_end=0, same_noise_per_group=False, negative=None,
-                groups=None, latent=None, sigmas=None) -> io.NodeOutput:
+                groups=None, latent=None, sigmas=None, frames=1) -> io.NodeOutput:
         settings = sampling_settings(steps, scheduler, shift, sde_kind, noise_level, cfg, norm_rescale, step_mode,
                                      train_fraction, window_size, window_start, window_shift_every,
                                      micro_batch_size, window_end, same_noise_per_group)
         rollout, out = run_rollout(model, positive, negative, settings, seed=seed, iteration=iteration,
-                                   width=width, height=height, latent=latent, sigmas=sigmas, groups=groups)
+                                   width=width, height=height, frames=frames, latent=latent, sigmas=sigmas,
+                                   groups=groups)
         return io.NodeOutput(out, rollout)
 
 

@@ -36,8 +36,8 @@ from ..flowgrpo_core.profiling import PhaseTimer
 from . import lora_io, previews
 from .prompt_nodes import EncodingCache, encode_prompt_batch, encode_texts
 from .reward_model_nodes import score_images
-from .reward_nodes import compute_simple_reward, images_as_batch
-from .rollout_nodes import SamplingSettings, make_sigmas, run_rollout
+from .reward_nodes import compute_simple_reward
+from .rollout_nodes import SamplingSettings, empty_latent, make_sigmas, run_rollout
 from .run_files import run_folder
 from .state import METRICS_EVENT, NodeInputError, PromptBatch, Rewards, TrainerState, emit
 from .update_nodes import UpdateSettings, grpo_update
@@ -48,7 +48,8 @@ __all__ = ["TrainJob", "train", "run_folder", "curve_file", "EVAL_PROMPTS", "ope
 log = logging.getLogger("flowgrpo")
 EVAL_PROMPTS = 8
 #: run settings whose change on resume gives a different run than the one the checkpoint continued
-_RUN_KEYS = ("sampling", "update", "prompts_per_iteration", "group_size", "width", "height", "reward", "seed")
+_RUN_KEYS = ("sampling", "update", "prompts_per_iteration", "group_size", "width", "height", "frames", "reward",
+             "seed")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TrainJob:
     eval_every: int = 0
     sample_every: int = 0
     tensorboard: bool = False
+    frames: int = 1  # video models: frames per sample (pixels)
     extra: dict = field(default_factory=dict)
     #: the prompts' text encodings, kept for the whole run (the text encoder is frozen)
     encodings: EncodingCache = field(default_factory=EncodingCache)
@@ -86,7 +88,7 @@ class TrainJob:
         reward = self.reward if self.reward_model is None else f"model:{getattr(self.reward_model, 'name', '?')}"
         return {"sampling": dataclasses.asdict(self.sampling), "update": dataclasses.asdict(self.update),
                 "prompts_per_iteration": self.prompts_per_iteration, "group_size": self.group_size,
-                "width": self.width, "height": self.height, "reward": reward, "reward_scale": self.reward_scale,
+                "width": self.width, "height": self.height, "frames": self.frames, "reward": reward, "reward_scale": self.reward_scale,
                 "flux_guidance": self.flux_guidance, "negative_prompt": self.negative_prompt, "seed": self.seed,
                 "num_prompts": len(self.prompts), "eval_steps": self.eval_steps, "eval_every": self.eval_every}
 
@@ -111,19 +113,26 @@ def _iteration(state: TrainerState, job: TrainJob) -> tuple[TrainerState, dict, 
                                                          job.prompts_per_iteration, job.group_size, it, job.seed,
                                                          job.flux_guidance, node=job.node, cache=job.encodings)
     rollout, latent = run_rollout(state.patcher, positive, negative, job.sampling, seed=job.seed, iteration=it,
-                                  width=job.width, height=job.height, groups=groups, preview=False, node=job.node)
+                                  width=job.width, height=job.height, frames=job.frames, groups=groups,
+                                  preview=False, node=job.node)
     with timer.phase("decode"):
-        decoded = job.vae.decode(latent["samples"])
+        decoded = per_sample(job.vae.decode(latent["samples"]))
     rewards = _score(job, decoded, groups)
     state, metrics = grpo_update(state, rollout, rewards, job.update, node=job.node)
     metrics.update(timer.phases())
     metrics["time_iteration_s"] = sum(v for k, v in metrics.items() if k.startswith("time_") and k.endswith("_s")
                                       and k != "time_iteration_s" and isinstance(v, float))
-    return state, metrics, images_as_batch(decoded), (groups, rewards)
+    return state, metrics, decoded, (groups, rewards)
+
+
+def per_sample(decoded: torch.Tensor) -> torch.Tensor:
+    """A VAE decode as one entry per sample: IMAGE ``[B, H, W, C]``, or clips ``[B, T, H, W, C]`` for video (a
+    one-frame time axis, as Qwen-Image's VAE gives, is dropped)."""
+    return decoded[:, 0] if decoded.dim() == 5 and decoded.shape[1] == 1 else decoded
 
 
 def eval_images(state: TrainerState, job: TrainJob) -> torch.Tensor:
-    """IMAGE ``[K, H, W, C]`` of the first :data:`EVAL_PROMPTS` prompts: ComfyUI's stock Euler sampler (an ODE) for
+    """IMAGE ``[K, H, W, C]`` (video: clips ``[K, T, H, W, C]``) of the first :data:`EVAL_PROMPTS` prompts: ComfyUI's stock Euler sampler (an ODE) for
     ``job.eval_steps`` steps on the trainer's model with the EMA weights swapped in (live ones without EMA), from
     ComfyUI's noise of seed ``job.seed`` (what SamplerCustom with ``noise_seed = seed`` starts from)."""
     import comfy.sample
@@ -133,15 +142,15 @@ def eval_images(state: TrainerState, job: TrainJob) -> torch.Tensor:
     model = state.patcher
     positive, negative = encode_texts(job.clip, texts, job.negative_prompt, 1, job.flux_guidance, node=job.node,
                                       cache=job.encodings)
-    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(len(texts), 4, job.height // 8,
-                                                                        job.width // 8))
+    latent = comfy.sample.fix_empty_latent_channels(model, empty_latent(model, len(texts), job.width, job.height,
+                                                                        job.frames, node=job.node))
     noise = comfy.sample.prepare_noise(latent, job.seed)
     sigmas = make_sigmas(model, job.eval_steps, job.sampling.scheduler, job.sampling.shift)
     swap = state.ema.swapped_in(lora_io.trainable_params(state)) if state.ema is not None else contextlib.nullcontext()
     with torch.no_grad(), swap:
         samples = comfy.sample.sample_custom(model, noise, job.sampling.cfg, comfy.samplers.sampler_object("euler"),
                                              sigmas, positive, negative, latent, disable_pbar=True, seed=job.seed)
-        return images_as_batch(job.vae.decode(samples))
+        return per_sample(job.vae.decode(samples))
 
 
 def _eval_texts(job: TrainJob) -> list[str]:

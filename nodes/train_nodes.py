@@ -20,7 +20,7 @@ from .lora_nodes import ema_inputs
 from .preset_nodes import apply_preset, preset_input
 from .prompt_nodes import read_prompts
 from .reward_model_nodes import REWARD_MODEL
-from .rollout_nodes import sampling_inputs, sampling_settings
+from .rollout_nodes import frames_input, sampling_inputs, sampling_settings
 from .state import RESULT_EVENT, TRAINER, emit, node_error
 from .train_loop import TrainJob, curve_file, reward_curve_picture, run_folder, train
 from .update_nodes import grpo_inputs, update_settings
@@ -71,7 +71,7 @@ def make_job(clip: Any, vae: Any, reward_model: Any, w: dict, node: str = NODE) 
                     reward_scale=w["reward_scale"], reward_model=reward_model, iterations=w["iterations"],
                     save_every=w["save_every"], seed=w["seed"], node=node, eval_steps=w.get("eval_steps", 0),
                     eval_every=w.get("eval_every", 0), sample_every=w.get("sample_every", 0),
-                    tensorboard=bool(w.get("tensorboard", False)))
+                    tensorboard=bool(w.get("tensorboard", False)), frames=int(w.get("frames", 1)))
 
 
 class FlowGRPOTrain(AlwaysRun):
@@ -105,6 +105,7 @@ class FlowGRPOTrain(AlwaysRun):
                                tooltip="FLUX guidance embedding written into the prompts (ignored by other models)."),
                 io.Int.Input("width", default=512, min=16, max=8192, step=16, tooltip="Image width in pixels."),
                 io.Int.Input("height", default=512, min=16, max=8192, step=16, tooltip="Image height in pixels."),
+                frames_input(),
                 *sampling_inputs(),
                 io.Combo.Input("reward", options=list(SIMPLE_REWARDS), default="jpeg_compressibility",
                                tooltip="The reward each decoded image gets (weight-free statistics); ignored when "
