@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..flowgrpo_core.checkpoint import atomic_write_bytes
 
-__all__ = ["to_pil", "to_image", "group_grid", "reward_curve", "metric_curves", "moving_average", "save_png_atomic",
+__all__ = ["to_pil", "to_image", "frame_strip", "group_grid", "reward_curve", "metric_curves", "moving_average", "save_png_atomic",
            "save_jpeg_atomic"]
 
 _BG, _FG, _GRID, _MEAN, _BAND, _AVG = (250, 250, 250), (30, 30, 30), (215, 215, 215), (40, 90, 200), \
@@ -38,17 +38,39 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+#: at most this many frames of a clip are shown in its strip (evenly spaced, first and last included)
+STRIP_FRAMES = 8
+
+
+def frame_strip(clip: torch.Tensor, cell: int = 128, max_frames: int = STRIP_FRAMES) -> Image.Image:
+    """A clip ``[T, H, W, C]`` as its frames side by side, each ``cell`` x ``cell`` (at most ``max_frames`` of them,
+    evenly spaced); an image ``[H, W, C]`` as one cell."""
+    if clip.dim() == 3:
+        return to_pil(clip).resize((cell, cell))
+    count = clip.shape[0]
+    picks = sorted({round(i * (count - 1) / (max_frames - 1)) for i in range(max_frames)}) if count > max_frames \
+        else list(range(count))
+    strip = Image.new("RGB", (len(picks) * cell, cell), _BG)
+    for k, t in enumerate(picks):
+        strip.paste(to_pil(clip[t]).resize((cell, cell)), (k * cell, 0))
+    return strip
+
+
 def group_grid(images: torch.Tensor, group_ids: Sequence[int], rewards: Sequence[float],
                texts: Optional[Sequence[str]] = None, cell: int = 128) -> Image.Image:
-    """One row per group (in order of first appearance), each image captioned with its reward; the row starts with
-    the group's prompt (shortened). ``images`` ``[B, H, W, C]``."""
+    """One row per group (in order of first appearance), each sample captioned with its reward; the row starts with
+    the group's prompt (shortened). ``images`` ``[B, H, W, C]``, or clips ``[B, T, H, W, C]`` (video): each sample
+    is then a strip of its frames side by side (:func:`frame_strip`)."""
     order: dict[int, list[int]] = {}
     for i, g in enumerate(int(g) for g in group_ids):
         order.setdefault(g, []).append(i)
     rows = list(order.values())
     cols = max(len(r) for r in rows)
+    video = images.dim() == 5
+    width = cell * min(images.shape[1], STRIP_FRAMES) if video else cell  # one sample's cell or strip
+    gap = 4 if video else 0  # strips of neighbouring samples apart
     caption, label_w = 14, 0 if texts is None else 150
-    grid = Image.new("RGB", (label_w + cols * cell, len(rows) * (cell + caption)), _BG)
+    grid = Image.new("RGB", (label_w + cols * (width + gap) - gap, len(rows) * (cell + caption)), _BG)
     draw = ImageDraw.Draw(grid)
     for r, members in enumerate(rows):
         top = r * (cell + caption)
@@ -63,8 +85,8 @@ def group_grid(images: torch.Tensor, group_ids: Sequence[int], rewards: Sequence
             lines.append(line)
             draw.multiline_text((4, top + 4), "\n".join(lines[:8]), fill=_FG, font=_font())
         for c, i in enumerate(members):
-            left = label_w + c * cell
-            grid.paste(to_pil(images[i]).resize((cell, cell)), (left, top))
+            left = label_w + c * (width + gap)
+            grid.paste(frame_strip(images[i], cell), (left, top))
             draw.text((left + 3, top + cell + 1), f"{float(rewards[i]):+.4f}", fill=_FG, font=_font())
     return grid
 
