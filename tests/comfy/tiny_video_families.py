@@ -48,7 +48,8 @@ def _mask(generator: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- Wan
-WAN_TEXT_DIM = 32
+#: the real Wan's text width (umT5-XXL), which the tests' random CLIP-L (CLIPLoader type sd3) also emits
+WAN_TEXT_DIM = 4096
 
 
 def wan_unet_config(name: str) -> dict:
