@@ -11,6 +11,9 @@ number, so releases in between and after behave by what they have.
 * :func:`interrupts_held`: since 2026 ComfyUI checks for a user's interrupt at every op of a model
   (``comfy.ops.run_every_op``), not only where a sampler or node asks. A section that must not stop halfway (an update
   of several optimizer steps) holds the interrupt: it stays pending and is raised at the first check after the section.
+* :func:`latent_ratios`: 2026 latent formats state their spatial and temporal downscale ratios; 0.3.x formats do
+  not (8 spatially and 4 in time, except Wan 2.2's 16 spatially, which 0.3.75's own ``Wan22ImageToVideoLatent``
+  uses).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-__all__ = ["training_mode", "interrupts_held"]
+__all__ = ["training_mode", "interrupts_held", "latent_ratios"]
+
+#: spatial ratios of latent formats on releases whose formats do not state one
+_UNSTATED_SPATIAL = {"Wan22": 16}
 
 
 @contextlib.contextmanager
@@ -55,3 +61,10 @@ def interrupts_held() -> Iterator[None]:
         yield
     finally:
         mm.throw_exception_if_processing_interrupted = check
+
+
+def latent_ratios(latent_format: object) -> tuple[int, int]:
+    """``(spatial, temporal)`` downscale ratios of a ``comfy.latent_formats`` instance (see the module doc)."""
+    default = _UNSTATED_SPATIAL.get(type(latent_format).__name__, 8)
+    return (int(getattr(latent_format, "spacial_downscale_ratio", default)),
+            int(getattr(latent_format, "temporal_downscale_ratio", 4)))

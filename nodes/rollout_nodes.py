@@ -22,6 +22,7 @@ from ..flowgrpo_core.sde import SDE_KINDS, check_noise_level
 from ..flowgrpo_core.seeding import iteration_generator
 from ..flowgrpo_core.windows import STEP_MODES, StepSelection, select_steps
 from .comfy_policy import ComfyFlowPolicy
+from .compat import latent_ratios
 from .conditioning import encode_conditioning
 from .lora_adapters import merged_lora_weights
 from .model_adapter import require_flow_model
@@ -185,18 +186,13 @@ def _conditioning_batch(positive: list, node: str) -> int:
     return int(positive[0][0].shape[0])
 
 
-#: spatial ratios of latent formats on ComfyUI releases whose formats do not state one (0.3.75: its own
-#: Wan22ImageToVideoLatent divides by 16)
-_OLD_SPATIAL = {"Wan22": 16}
-
-
 def empty_latent(model: Any, batch: int, width: int, height: int, frames: int = 1, node: str = NODE) -> torch.Tensor:
     """Zeros ``[B, C, h, w]`` (image models) or ``[B, C, t, h, w]`` (models with a time axis: video, and image
     models that carry one, such as Qwen-Image) as the model's empty-latent nodes make them: ``C`` from its
-    ``latent_format``, ``h, w`` the pixel size over its spatial ratio (older formats do not say: 8, Wan 2.2 16),
-    ``t = (frames - 1) // r + 1`` for its temporal ratio ``r`` (4 where the format does not say: Wan, HunyuanVideo)."""
+    ``latent_format``, ``h, w`` the pixel size over its spatial ratio, ``t = (frames - 1) // r + 1`` for its
+    temporal ratio ``r`` (:func:`~.compat.latent_ratios`)."""
     fmt = model.get_model_object("latent_format")
-    spatial = int(getattr(fmt, "spacial_downscale_ratio", _OLD_SPATIAL.get(type(fmt).__name__, 8)))
+    spatial, temporal = latent_ratios(fmt)
     if width % spatial or height % spatial:
         raise node_error(node, f"width {width} and height {height} must be multiples of {spatial} for this model",
                          f"round them to multiples of {spatial}")
@@ -205,7 +201,6 @@ def empty_latent(model: Any, batch: int, width: int, height: int, frames: int = 
         if frames != 1:
             raise node_error(node, f"frames is {frames} but this model makes single images", "set frames to 1")
         return torch.zeros(batch, fmt.latent_channels, *size)
-    temporal = int(getattr(fmt, "temporal_downscale_ratio", 4))
     return torch.zeros(batch, fmt.latent_channels, (int(frames) - 1) // temporal + 1, *size)
 
 
