@@ -46,6 +46,15 @@ NOT_TRAINED = {
     "Omnigen2": "its extra_conds turns the whole attention mask into one num_tokens constant (CONDConstant), which "
                 "is wrong for a CONDITIONING batched over prompts as FlowGRPO's groups are (32 tokens for 4 rows "
                 "of 8); training it needs each row encoded on its own",
+    "Boogu": "built on OmniGen2's conditioning: the same whole-mask num_tokens constant as Omnigen2",
+    "ErnieImage": "ComfyUI 0.33's Ernie attention calls comfy-kitchen's apply_rope_split_half even with "
+                  "in_training set, and that kernel has no autograd formula (ComfyUI's own TrainLoraNode fails the "
+                  "same way)",
+    "JoyImage": "ComfyUI 0.33's JoyImage attention calls comfy_kitchen.rms_rope whatever in_training says, and that "
+                "kernel has no autograd formula",
+    "ZImagePixelSpace": "the tiny pixel-space model's output hardly depends on its transformer blocks at the test "
+                        "init (a LoRA moves samples by < 1e-6 even at std 3), so the stock-load check cannot tell "
+                        "the LoRA from rounding; its replay ratio passes",
     "HunyuanImage21Refiner": "a refiner: it concatenates the latent it refines (concat_latent_image) to its input, "
                              "and the pack's batched rollout gives img_in twice the channels it takes; the rollout "
                              "has no per-sample source latent yet",
