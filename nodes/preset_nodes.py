@@ -37,7 +37,8 @@ PRESET = "FLOWGRPO_PRESET"
 USER_FOLDER = "flowgrpo_presets"
 USER_PREFIX = "user/"
 DEFAULT_PRESET = "sd35_medium_flowgrpo"
-FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX", "qwen_image": "Qwen-Image"}
+FAMILY_NAMES = {"sd3": "SD3", "flux": "FLUX", "flux2": "FLUX.2", "qwen_image": "Qwen-Image / Qwen-Image-Edit",
+                "z_image": "Z-Image", "wan22_t2v": "Wan 2.2 TI2V-5B"}
 
 OVERRIDES_TOOLTIP = (
     "Changes to the preset, one 'field = value' per line or several separated by commas; '#' starts a comment. "

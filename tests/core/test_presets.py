@@ -35,7 +35,8 @@ def test_builtins_are_the_files_of_the_preset_folder():
     files = sorted(p.stem for p in presets.PRESET_DIR.glob("*.json"))
     assert list(BUILTINS) == files
     assert {"sd35_medium_flowgrpo", "sd35_medium_fast", "flux_dev_flowgrpo", "flux_dev_fast", "flux_dev_mixgrpo",
-            "qwen_image_flowgrpo", "tiny_demo"} <= set(BUILTINS)
+            "qwen_image_flowgrpo", "tiny_demo", "flux2_flowgrpo", "z_image_flowgrpo", "qwen_image_edit_flowgrpo",
+            "wan22_t2v_flowgrpo"} <= set(BUILTINS)
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))
