@@ -22,6 +22,7 @@ import torch
 
 from ..flowgrpo_core.prompts import Prompt
 from ..flowgrpo_core.rewards.edit import INPUT_IMAGE_KEY
+from .input_files import input_path
 from .state import node_error
 
 __all__ = ["IMAGE_FIELD", "EditImages", "edit_images", "load_image", "resolve_input_image", "with_reference_latents"]
@@ -34,25 +35,13 @@ _VAE_FIX = "connect the VAE of your edit model (Load VAE, or the VAE output of L
 def resolve_input_image(name: Any, prompt_number: int, node: str) -> str:
     """The real path of the ``"image"`` field ``name`` of prompt ``prompt_number`` (1-based) inside ComfyUI's input
     folder; node errors for a non-string, an absolute path, a path outside the folder or a missing file."""
-    import folder_paths
-
-    input_dir = os.path.realpath(folder_paths.get_input_directory())
     where = f"the \"image\" of prompt {prompt_number} in the prompt file"
     if not isinstance(name, str) or not name.strip():
         raise node_error(node, f"{where} is {name!r}, not a file name",
                          "write the image's path relative to ComfyUI's input folder, e.g. \"image\": \"edit/cat.png\"")
     name = name.strip()
-    if os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith(("/", "\\")):
-        raise node_error(node, f"{where}, {name!r}, is an absolute path; it must be relative to ComfyUI's input "
-                               f"folder ({input_dir})", "copy the image into the input folder and give its name")
-    path = os.path.realpath(os.path.join(input_dir, name))
-    if os.path.commonpath([path, input_dir]) != input_dir:
-        raise node_error(node, f"{where}, {name!r}, points outside ComfyUI's input folder ({input_dir})",
-                         "put the image inside the input folder and give its path relative to it, without '..'")
-    if not os.path.isfile(path):
-        raise node_error(node, f"{where}, {name!r}, was not found in ComfyUI's input folder ({input_dir})",
-                         "put the image there (paths are relative to the input folder) or correct the name")
-    return path
+    return input_path(name, node, f"{where}, {name!r},",
+                      "put the image there (paths are relative to the input folder) or correct the name")
 
 
 def load_image(path: str, node: str) -> torch.Tensor:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from typing import Any, Optional
 
 import torch
@@ -40,6 +39,7 @@ from ..flowgrpo_core.prompts import (
     parse_prompt_lines,
 )
 from .edit_images import EditImages, edit_images, with_reference_latents
+from .input_files import input_path
 from .state import GROUPS, PromptBatch, node_error
 
 __all__ = [
@@ -74,23 +74,10 @@ _TOKEN_ALIGNED_KEYS = ("attention_mask",)
 def resolve_prompt_file(prompt_file: str, node: str = NODE_NAME) -> str:
     """The real path of ``prompt_file`` inside ComfyUI's input folder; node errors for an absolute path, a path that
     resolves outside the input folder (``..``, symlinks) or a missing file."""
-    import folder_paths
-
     name = prompt_file.strip()
-    input_dir = os.path.realpath(folder_paths.get_input_directory())
-    if os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith(("/", "\\")):
-        raise node_error(node, f"prompt_file {name!r} is an absolute path; it must be relative to ComfyUI's input "
-                               f"folder ({input_dir})",
-                         "copy the file into the input folder and give its name, e.g. prompts.txt")
-    path = os.path.realpath(os.path.join(input_dir, name))
-    if os.path.commonpath([path, input_dir]) != input_dir:
-        raise node_error(node, f"prompt_file {name!r} points outside ComfyUI's input folder ({input_dir})",
-                         "put the file inside the input folder and give its path relative to it, without '..'")
-    if not os.path.isfile(path):
-        raise node_error(node, f"prompt file {name!r} was not found in ComfyUI's input folder ({input_dir})",
-                         "put the .txt or .jsonl file into the input folder (or a subfolder, then give e.g. "
-                         "'prompts/train.txt'), or clear prompt_file to use the prompts box")
-    return path
+    return input_path(name, node, f"prompt_file {name!r}",
+                      "put the .txt or .jsonl file into the input folder (or a subfolder, then give e.g. "
+                      "'prompts/train.txt'), or clear prompt_file to use the prompts box")
 
 
 def read_prompts(prompts_text: str, prompt_file: str, node: str = NODE_NAME) -> list[str]:

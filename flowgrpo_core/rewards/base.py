@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["RewardResult", "RewardBackend", "TorchReward", "check_scores", "merge_results"]
+__all__ = ["RewardResult", "RewardBackend", "TorchReward", "check_scores", "checked_result", "merge_results"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,23 @@ def check_scores(scores: Any, batch: int, name: str) -> torch.Tensor:
     return values
 
 
+def checked_result(name: str, unit: str, batch_data: torch.Tensor, prompts: Sequence[str],
+                   metadata: Optional[Sequence[dict]], score_fn) -> RewardResult:
+    """``score_fn(batch_data, prompts, metadata)`` after checking there is one prompt (and one metadata entry) per
+    item of ``batch_data`` (``unit``: "images", "clips"), its result as a :class:`RewardResult` with checked ``[B]``
+    scores."""
+    batch = batch_data.shape[0]
+    prompts = list(prompts)
+    if len(prompts) != batch:
+        raise ValueError(f"reward {name!r} got {len(prompts)} prompts for {batch} {unit}")
+    if metadata is not None and len(metadata) != batch:
+        raise ValueError(f"reward {name!r} got {len(metadata)} metadata entries for {batch} {unit}")
+    result = score_fn(batch_data, prompts, metadata)
+    if not isinstance(result, RewardResult):
+        result = RewardResult(scores=result)
+    return RewardResult(scores=check_scores(result.scores, batch, name), details=dict(result.details))
+
+
 class RewardBackend(ABC):
     """A scorer: ``score(images, prompts, metadata) -> RewardResult``. Subclasses set ``name`` and ``needs_prompt``
     and implement :meth:`_score`; :meth:`score` checks the inputs and the result."""
@@ -54,16 +71,7 @@ class RewardBackend(ABC):
               metadata: Optional[Sequence[dict]] = None) -> RewardResult:
         if images.dim() != 4 or images.shape[-1] < 3:
             raise ValueError(f"reward {self.name!r} needs images [B, H, W, C>=3] in [0, 1], got {tuple(images.shape)}")
-        batch = images.shape[0]
-        prompts = list(prompts)
-        if len(prompts) != batch:
-            raise ValueError(f"reward {self.name!r} got {len(prompts)} prompts for {batch} images")
-        if metadata is not None and len(metadata) != batch:
-            raise ValueError(f"reward {self.name!r} got {len(metadata)} metadata entries for {batch} images")
-        result = self._score(images, prompts, metadata)
-        if not isinstance(result, RewardResult):
-            result = RewardResult(scores=result)
-        return RewardResult(scores=check_scores(result.scores, batch, self.name), details=dict(result.details))
+        return checked_result(self.name, "images", images, prompts, metadata, self._score)
 
     @abstractmethod
     def _score(self, images: torch.Tensor, prompts: list[str],

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import RewardBackend, RewardResult, check_scores
+from .base import RewardBackend, RewardResult, checked_result
 
 __all__ = ["ClipReward", "FrameMean", "clip_reward", "frames_as_clips"]
 
@@ -53,16 +53,7 @@ class ClipReward(ABC):
         if clips.dim() != 5 or clips.shape[1] < 1 or clips.shape[-1] < 3:
             raise ValueError(f"reward {self.name!r} needs clips [B, T, H, W, C>=3] in [0, 1], got "
                              f"{tuple(clips.shape)}")
-        batch = clips.shape[0]
-        prompts = list(prompts)
-        if len(prompts) != batch:
-            raise ValueError(f"reward {self.name!r} got {len(prompts)} prompts for {batch} clips")
-        if metadata is not None and len(metadata) != batch:
-            raise ValueError(f"reward {self.name!r} got {len(metadata)} metadata entries for {batch} clips")
-        result = self._score_clips(clips, prompts, metadata)
-        if not isinstance(result, RewardResult):
-            result = RewardResult(scores=result)
-        return RewardResult(scores=check_scores(result.scores, batch, self.name), details=dict(result.details))
+        return checked_result(self.name, "clips", clips, prompts, metadata, self._score_clips)
 
     @abstractmethod
     def _score_clips(self, clips: torch.Tensor, prompts: list[str],
