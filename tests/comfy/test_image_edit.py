@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import tiny_models
+from test_grpo_nodes import UPDATE_DEFAULTS as UPDATE
 
 pytestmark = pytest.mark.comfy
 
@@ -29,8 +30,6 @@ B = P * G
 ROLLOUT = dict(width=64, height=64, steps=4, scheduler="simple", shift=0.0, step_mode="fraction", train_fraction=0.99,
                window_size=2, window_start=0, window_shift_every=25, micro_batch_size=2, seed=7, iteration=0,
                sde_kind="flow_sde", noise_level=1.2, cfg=4.0, norm_rescale=True)
-UPDATE = dict(clip_range=1e-4, kl_beta=0.01, adv_clip_max=5.0, max_grad_norm=1.0, std_mode="global",
-              optimizer_steps=1, gradient_checkpointing=False)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import torch
 import model_families
 import tiny_video_families
 import tiny_video_vaes
+from test_grpo_nodes import UPDATE_DEFAULTS as UPDATE
 
 pytestmark = pytest.mark.comfy
 
@@ -34,8 +35,6 @@ NOT_LOADED = ("lora key not loaded", "NOT LOADED")
 ROLLOUT = dict(width=WIDTH, height=HEIGHT, steps=4, scheduler="simple", shift=0.0, sde_kind="flow_sde",
                noise_level=0.7, cfg=1.0, norm_rescale=False, step_mode="fraction", train_fraction=0.99,
                window_size=2, window_start=0, window_shift_every=25, micro_batch_size=2, seed=7, iteration=0)
-UPDATE = dict(clip_range=1e-4, kl_beta=0.01, adv_clip_max=5.0, max_grad_norm=1.0, std_mode="global",
-              optimizer_steps=1, gradient_checkpointing=False)
 
 
 @pytest.fixture(scope="module")
